@@ -1,0 +1,372 @@
+"""YAML config → frozen, typed objects.
+
+This is the only module that reads the environment: ``${NAME}`` and
+``${NAME:-default}`` in string values are replaced here, once. Every problem
+found is reported with its path (``upstreams[2].timeout.first_byte: must be >
+0``), all of them at once, so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from .config_reader import Reader
+from .errors import ConfigError
+
+Provider = Literal["openai", "azure", "mock"]
+Strategy = Literal["round_robin", "weighted", "least_requests", "latency"]
+StoreErrorMode = Literal["fail_closed", "fail_open"]
+
+PROVIDERS: tuple[Provider, ...] = ("openai", "azure", "mock")
+STRATEGIES: tuple[Strategy, ...] = ("round_robin", "weighted", "least_requests", "latency")
+_T = TypeVar("_T")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. ``first_byte`` covers headers and the first body chunk."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True)
+class MockSettings:
+    """Behaviour of the built-in ``mock`` provider (demo and tests)."""
+
+    latency: float = 0.0  # seconds before the first byte
+    tokens_per_second: float = 0.0  # 0: as fast as possible
+    completion_tokens: int = 16  # generated when the request sets no max_tokens
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    models: Mapping[str, str]  # public model name → the upstream's own name
+    provider: Provider = "openai"
+    api_key: str | None = field(default=None, repr=False)
+    api_version: str | None = None
+    weight: float = 1.0
+    priority: int = 0
+    max_concurrency: int | None = None
+    timeout: Timeouts = Timeouts()
+    mock: MockSettings = MockSettings()
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    strategy: Strategy = "least_requests"
+    max_attempts: int = 3
+    deadline: float = 120.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``None`` means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.concurrency,
+                                            self.tokens_per_day, self.tokens_per_month))
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """A static key from the config; only its SHA-256 is kept."""
+
+    name: str
+    key_sha256: str = field(repr=False)
+    team: str | None = None
+    models: tuple[str, ...] | None = None
+    limits: Limits = Limits()
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    models: tuple[str, ...] | None = None
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    on_store_error: StoreErrorMode = "fail_closed"
+    default_max_tokens: int = 4096  # estimate when a request sets no max_tokens
+    store_timeout: float = 0.25  # seconds for any one store call
+    lease_ttl: float = 900.0  # a concurrency lease expires after this if never released
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: tuple[UpstreamConfig, ...]
+    routing: RoutingConfig = RoutingConfig()
+    keys: tuple[KeyConfig, ...] = ()
+    teams: tuple[TeamConfig, ...] = ()
+    quotas: QuotasConfig = QuotasConfig()
+    server: ServerConfig = ServerConfig()
+    redis_url: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+
+    def public_models(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for upstream in self.upstreams:
+            seen.update(dict.fromkeys(upstream.models))
+        return tuple(seen)
+
+    def team(self, name: str | None) -> TeamConfig | None:
+        return next((t for t in self.teams if t.name == name), None)
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate a config file; raise ConfigError listing every problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_config(text, os.environ if environ is None else environ)
+
+
+def parse_config(text: str, environ: Mapping[str, str]) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"]) from None
+    reader = Reader(environ)
+    config = _config(reader, {} if raw is None else raw)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    assert config is not None
+    return config
+
+
+def _config(r: Reader, raw: Any) -> Config | None:
+    d = r.mapping(raw, "", {"upstreams", "routing", "keys", "teams", "quotas", "server",
+                            "redis_url", "admin_key"})
+    if d is None:
+        return None
+    upstreams = _each(r, d.get("upstreams"), "upstreams", _upstream, required=True)
+    _check_unique(r, "upstreams", [u.name for u in upstreams])
+    if not r.problems and not upstreams:
+        r.problem("upstreams", "at least one upstream is required")
+    keys = _each(r, d.get("keys"), "keys", _key)
+    _check_unique(r, "keys", [k.name for k in keys])
+    teams = _each(r, d.get("teams"), "teams", _team)
+    _check_unique(r, "teams", [t.name for t in teams])
+    return Config(
+        upstreams=upstreams,
+        routing=_routing(r, d.get("routing"), "routing"),
+        keys=keys,
+        teams=teams,
+        quotas=_quotas(r, d.get("quotas"), "quotas"),
+        server=_server(r, d.get("server"), "server"),
+        redis_url=r.string(d.get("redis_url"), "redis_url", empty_is_none=True),
+        admin_key=r.string(d.get("admin_key"), "admin_key", empty_is_none=True),
+    )
+
+
+def _each(r: Reader, raw: Any, path: str, parse: Callable[[Reader, Any, str], _T | None],
+          required: bool = False) -> tuple[_T, ...]:
+    parsed = (parse(r, item, f"{path}[{i}]") for i, item in enumerate(r.seq(raw, path, required)))
+    return tuple(item for item in parsed if item is not None)
+
+
+def _check_unique(r: Reader, path: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            r.problem(path, f"duplicate name {name!r}")
+        seen.add(name)
+
+
+def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
+    d = r.mapping(raw, path, {"name", "provider", "base_url", "api_key", "api_version", "models",
+                              "weight", "priority", "max_concurrency", "timeout", "mock"})
+    if d is None:
+        return None
+    provider = r.choice(d.get("provider", "openai"), f"{path}.provider", PROVIDERS)
+    name = r.string(d.get("name"), f"{path}.name", required=True)
+    base_url = r.string(d.get("base_url"), f"{path}.base_url", required=provider != "mock")
+    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
+        r.problem(f"{path}.base_url", "must be an http:// or https:// URL")
+    api_version = r.string(d.get("api_version"), f"{path}.api_version")
+    if provider == "azure" and not api_version:
+        r.problem(f"{path}.api_version", "is required for provider azure")
+    models = _models(r, d.get("models"), f"{path}.models")
+    if name is None or provider is None or models is None:
+        return None
+    return UpstreamConfig(
+        name=name,
+        provider=provider,
+        base_url=(base_url or "mock://" + name).rstrip("/"),
+        api_key=r.string(d.get("api_key"), f"{path}.api_key", empty_is_none=True),
+        api_version=api_version,
+        models=models,
+        weight=r.number(d.get("weight", 1.0), f"{path}.weight", minimum=0, exclusive=True),
+        priority=r.integer(d.get("priority", 0), f"{path}.priority", minimum=0),
+        max_concurrency=r.optional_int(d.get("max_concurrency"), f"{path}.max_concurrency", minimum=1),
+        timeout=_timeouts(r, d.get("timeout"), f"{path}.timeout"),
+        mock=_mock(r, d.get("mock"), f"{path}.mock"),
+    )
+
+
+def _models(r: Reader, raw: Any, path: str) -> Mapping[str, str] | None:
+    if isinstance(raw, list):
+        names = [r.string(m, f"{path}[{i}]", required=True) for i, m in enumerate(raw)]
+        pairs = {n: n for n in names if n}
+    elif isinstance(raw, dict):
+        pairs = {}
+        for public, upstream_name in raw.items():
+            value = r.string(upstream_name, f"{path}.{public}", required=True)
+            if value:
+                pairs[str(public)] = value
+    else:
+        r.problem(path, "must be a list of model names or a map of public name → upstream name")
+        return None
+    if not pairs:
+        r.problem(path, "must name at least one model")
+        return None
+    return MappingProxyType(pairs)
+
+
+def _timeouts(r: Reader, raw: Any, path: str) -> Timeouts:
+    d = r.mapping(raw, path, {"connect", "first_byte", "idle", "total"}, optional=True) or {}
+    dflt = Timeouts()
+    return Timeouts(**{
+        name: r.number(d.get(name, getattr(dflt, name)), f"{path}.{name}", minimum=0, exclusive=True)
+        for name in ("connect", "first_byte", "idle", "total")
+    })
+
+
+def _mock(r: Reader, raw: Any, path: str) -> MockSettings:
+    d = r.mapping(raw, path, {"latency", "tokens_per_second", "completion_tokens"}, optional=True) or {}
+    dflt = MockSettings()
+    return MockSettings(
+        latency=r.number(d.get("latency", dflt.latency), f"{path}.latency", minimum=0),
+        tokens_per_second=r.number(d.get("tokens_per_second", dflt.tokens_per_second),
+                                   f"{path}.tokens_per_second", minimum=0),
+        completion_tokens=r.integer(d.get("completion_tokens", dflt.completion_tokens),
+                                    f"{path}.completion_tokens", minimum=1),
+    )
+
+
+def _routing(r: Reader, raw: Any, path: str) -> RoutingConfig:
+    d = r.mapping(raw, path, {"strategy", "max_attempts", "deadline"}, optional=True) or {}
+    dflt = RoutingConfig()
+    return RoutingConfig(
+        strategy=r.choice(d.get("strategy", dflt.strategy), f"{path}.strategy", STRATEGIES)
+        or dflt.strategy,
+        max_attempts=r.integer(d.get("max_attempts", dflt.max_attempts), f"{path}.max_attempts",
+                               minimum=1),
+        deadline=r.number(d.get("deadline", dflt.deadline), f"{path}.deadline", minimum=0,
+                          exclusive=True),
+    )
+
+
+def _limits(r: Reader, raw: Any, path: str) -> Limits:
+    names = ("rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month")
+    d = r.mapping(raw, path, set(names), optional=True) or {}
+    return Limits(**{n: r.optional_int(d.get(n), f"{path}.{n}", minimum=0) for n in names})
+
+
+def _model_globs(r: Reader, raw: Any, path: str) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    items = r.seq(raw, path)
+    return tuple(s for i, m in enumerate(items) if (s := r.string(m, f"{path}[{i}]", required=True)))
+
+
+def _key(r: Reader, raw: Any, path: str) -> KeyConfig | None:
+    d = r.mapping(raw, path, {"name", "key", "key_sha256", "team", "models", "limits", "expires_at"})
+    if d is None:
+        return None
+    name = r.string(d.get("name"), f"{path}.name", required=True)
+    digest = _key_digest(r, d, path)
+    if name is None or digest is None:
+        return None
+    return KeyConfig(
+        name=name,
+        key_sha256=digest,
+        team=r.string(d.get("team"), f"{path}.team"),
+        models=_model_globs(r, d.get("models"), f"{path}.models"),
+        limits=_limits(r, d.get("limits"), f"{path}.limits"),
+        expires_at=r.timestamp(d.get("expires_at"), f"{path}.expires_at"),
+    )
+
+
+def _key_digest(r: Reader, d: dict[str, Any], path: str) -> str | None:
+    import hashlib
+
+    if ("key" in d) == ("key_sha256" in d):
+        r.problem(path, "needs exactly one of key or key_sha256")
+        return None
+    if "key" in d:
+        secret = r.string(d["key"], f"{path}.key", required=True)
+        return hashlib.sha256(secret.encode()).hexdigest() if secret else None
+    digest = r.string(d["key_sha256"], f"{path}.key_sha256", required=True)
+    if digest is not None and not _SHA256_HEX.match(digest.lower()):
+        r.problem(f"{path}.key_sha256", "must be 64 hexadecimal digits")
+        return None
+    return digest.lower() if digest else None
+
+
+def _team(r: Reader, raw: Any, path: str) -> TeamConfig | None:
+    d = r.mapping(raw, path, {"name", "models", "limits"})
+    if d is None:
+        return None
+    name = r.string(d.get("name"), f"{path}.name", required=True)
+    if name is None:
+        return None
+    return TeamConfig(name=name, models=_model_globs(r, d.get("models"), f"{path}.models"),
+                      limits=_limits(r, d.get("limits"), f"{path}.limits"))
+
+
+def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
+    d = r.mapping(raw, path, {"on_store_error", "default_max_tokens", "store_timeout", "lease_ttl"},
+                  optional=True) or {}
+    dflt = QuotasConfig()
+    return QuotasConfig(
+        on_store_error=r.choice(d.get("on_store_error", dflt.on_store_error),
+                                f"{path}.on_store_error", ("fail_closed", "fail_open"))
+        or dflt.on_store_error,
+        default_max_tokens=r.integer(d.get("default_max_tokens", dflt.default_max_tokens),
+                                     f"{path}.default_max_tokens", minimum=1),
+        store_timeout=r.number(d.get("store_timeout", dflt.store_timeout), f"{path}.store_timeout",
+                               minimum=0, exclusive=True),
+        lease_ttl=r.number(d.get("lease_ttl", dflt.lease_ttl), f"{path}.lease_ttl", minimum=1),
+    )
+
+
+def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
+    d = r.mapping(raw, path, {"max_body_bytes"}, optional=True) or {}
+    return ServerConfig(
+        max_body_bytes=r.integer(d.get("max_body_bytes", ServerConfig.max_body_bytes),
+                                 f"{path}.max_body_bytes", minimum=1024),
+    )
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

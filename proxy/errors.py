@@ -1,0 +1,150 @@
+"""The gateway's error tree.
+
+Every error the gateway produces itself is one of these. Each knows its HTTP
+status and its OpenAI error ``type``/``code``, so the HTTP layer renders them
+all the same way: ``{"error": {"message", "type", "param", "code"}}``.
+Library errors (aiohttp, redis, yaml) are translated into these at the edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+Header = tuple[bytes, bytes]
+
+
+class ProxyError(Exception):
+    """Base of every error the gateway answers with."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Sequence[Header] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: tuple[Header, ...] = tuple(headers)
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+class InvalidRequestError(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationError(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFoundError(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class MethodNotAllowedError(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RateLimitError(ProxyError):
+    """A quota denied the request; ``type`` names the kind of limit."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit_type: str = "requests",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Sequence[Header] = (),
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.type = limit_type
+
+
+class UpstreamError(ProxyError):
+    """Every candidate upstream failed (errors, 5xx, 429)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class NoUpstreamAvailableError(ProxyError):
+    """No candidate could be tried: all cooling down, ejected or saturated."""
+
+    status = 503
+    type = "server_error"
+    code = "no_upstream_available"
+
+
+class ServiceUnavailableError(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamTimeoutError(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+class ConfigError(Exception):
+    """A config file is invalid; ``problems`` lists each one with its path."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
