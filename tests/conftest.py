@@ -1,0 +1,1 @@
+"""Shared pytest setup. Fixtures live in the helper modules that own them."""
