@@ -305,16 +305,14 @@ def _key(r: Reader, raw: Any, path: str) -> KeyConfig | None:
         return None
     name = r.string(d.get("name"), f"{path}.name", required=True)
     digest = _key_digest(r, d, path)
+    team = r.string(d.get("team"), f"{path}.team")
+    models = _model_globs(r, d.get("models"), f"{path}.models")
+    limits = _limits(r, d.get("limits"), f"{path}.limits")
+    expires_at = r.timestamp(d.get("expires_at"), f"{path}.expires_at")
     if name is None or digest is None:
         return None
-    return KeyConfig(
-        name=name,
-        key_sha256=digest,
-        team=r.string(d.get("team"), f"{path}.team"),
-        models=_model_globs(r, d.get("models"), f"{path}.models"),
-        limits=_limits(r, d.get("limits"), f"{path}.limits"),
-        expires_at=r.timestamp(d.get("expires_at"), f"{path}.expires_at"),
-    )
+    return KeyConfig(name=name, key_sha256=digest, team=team, models=models, limits=limits,
+                     expires_at=expires_at)
 
 
 def _key_digest(r: Reader, d: dict[str, Any], path: str) -> str | None:

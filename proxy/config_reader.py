@@ -65,7 +65,10 @@ class Reader:
 
     def string(self, raw: Any, path: str, required: bool = False,
                empty_is_none: bool = False) -> str | None:
+        known = len(self.problems)
         value = self.substitute(raw, path)
+        if len(self.problems) > known:
+            return None  # an unset variable was already reported for this path
         if value is None or (empty_is_none and value == ""):
             if required:
                 self.problem(path, "is required")

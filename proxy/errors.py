@@ -116,6 +116,18 @@ class UpstreamError(ProxyError):
     code = "upstream_error"
 
 
+class UpstreamConnectionError(UpstreamError):
+    """An upstream could not be reached, or its connection broke."""
+
+    code = "upstream_connection_error"
+
+
+class UpstreamStreamError(UpstreamError):
+    """A stream broke, stalled or ended early after the client got its first byte."""
+
+    code = "upstream_stream_error"
+
+
 class NoUpstreamAvailableError(ProxyError):
     """No candidate could be tried: all cooling down, ejected or saturated."""
 

@@ -1,0 +1,83 @@
+"""``llm-proxy serve|check-config`` (and the admin subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import Config, load_config
+from .errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    code: int = args.func(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible LLM gateway.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path of the YAML config")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
+    _register_admin(sub)
+    return parser
+
+
+def _register_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    try:
+        from . import cli_admin
+    except ImportError:  # the admin commands ship with the quota store
+        return
+    cli_admin.register(sub)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return 1
+    print(f"{args.file}: OK ({len(config.upstreams)} upstreams, {len(config.public_models())} models, "
+          f"{len(config.keys)} keys, {len(config.teams)} teams)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = _load(args.config)
+    if config is None:
+        return 1
+    app = create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+                log_level=args.log_level, access_log=False, server_header=False, date_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

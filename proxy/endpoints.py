@@ -1,0 +1,224 @@
+"""The OpenAI surface: chat completions, models, and the probes.
+
+``ChatCompletions`` is a plain ASGI app so that the hot path controls exactly
+when bytes leave (nothing before an upstream committed) and can notice a
+client that went away (``DisconnectWatch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body, send_bytes, send_error
+from .errors import Header, ProxyError, ServiceUnavailableError, UpstreamStreamError
+from .forwarding import Forwarded
+from .gateway import Gateway, Runtime
+from .mock import models_body
+from .schema import ChatRequest, parse_chat_request
+from .streaming import SseRelay, error_event
+
+_JSON = b"application/json"
+_SSE_HEADERS: tuple[Header, ...] = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did; read by metrics and the access log at its end."""
+
+    started: float
+    model: str = "unknown"
+    upstream: str = ""
+    team: str = ""
+    key_name: str = ""
+    status: int = 0
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttfb: float | None = None
+    attempts: int = 0
+    headers: list[Header] = field(default_factory=list)
+
+
+class ChatCompletions:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = RequestRecord(started=time.perf_counter())
+        try:
+            await self._handle(scope, receive, send, record)
+        except ProxyError as exc:
+            record.status = exc.status
+            await send_error(send, exc, record.headers)
+        except ClientGone:
+            record.status = 499
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
+        gw = self.gateway
+        if gw.draining:
+            raise ServiceUnavailableError("The gateway is shutting down; retry.")
+        rt = gw.runtime
+        policy = await rt.auth.authenticate(header(scope, b"authorization"))
+        record.team, record.key_name = policy.team or "", policy.name
+        raw = await read_body(receive, scope, rt.config.server.max_body_bytes)
+        content_type = header(scope, b"content-type")
+        request = parse_chat_request(raw, content_type.decode("latin-1") if content_type else None)
+        record.model, record.stream = request.model, request.stream
+        policy.check_model(request.model)
+        candidates = rt.pool.candidates(request.model)
+        reservation = await gw.quotas.reserve(policy, _estimate(request, rt))
+        record.headers.extend(reservation.headers)
+        watch = DisconnectWatch()
+        forwarded: Forwarded | None = None
+        try:
+            async with watch.watching(receive):
+                forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, candidates,
+                                                       _forward_headers(scope))
+                record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
+                record.attempts = forwarded.attempts
+                if request.stream and forwarded.response.status < 400:
+                    await self._relay_stream(send, request, forwarded, record, watch)
+                else:
+                    await self._relay_body(send, request, forwarded, record, watch)
+        finally:
+            if forwarded is not None:
+                forwarded.finish(ok=record.status < 500 and record.status != 499, now=time.monotonic())
+            await reservation.settle(record.prompt_tokens + record.completion_tokens)
+
+    async def _relay_body(self, send: Send, request: ChatRequest, fwd: Forwarded,
+                          record: RequestRecord, watch: DisconnectWatch) -> None:
+        status = fwd.response.status
+        if status < 400:
+            _count_usage(record, request, fwd.first)
+        record.status = status
+        watch.finishing = True
+        await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
+
+    async def _relay_stream(self, send: Send, request: ChatRequest, fwd: Forwarded,
+                            record: RequestRecord, watch: DisconnectWatch) -> None:
+        relay = SseRelay(strip_usage=not request.include_usage)
+        record.status = 200
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*_SSE_HEADERS, *record.headers, *_upstream_header(fwd)]})
+        try:
+            await self._pump(send, relay, fwd)
+        except ProxyError as exc:
+            record.status = 502
+            code = exc.code if isinstance(exc, UpstreamStreamError) else "upstream_stream_error"
+            await send({"type": "http.response.body", "body": relay.leftover() + error_event(
+                exc.message, code or "upstream_stream_error"), "more_body": True})
+        finally:
+            record.prompt_tokens, record.completion_tokens = _stream_usage(relay, request)
+        watch.finishing = True
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _pump(self, send: Send, relay: SseRelay, fwd: Forwarded) -> None:
+        timeouts = fwd.candidate.upstream.config.timeout
+        deadline = time.monotonic() + timeouts.total
+        chunk = fwd.first
+        while chunk:
+            out = relay.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            if relay.done:
+                return
+            chunk = await _next_chunk(fwd, min(timeouts.idle, deadline - time.monotonic()))
+        leftover = relay.leftover()
+        if leftover:
+            await send({"type": "http.response.body", "body": leftover, "more_body": True})
+        raise UpstreamStreamError("The upstream ended the stream before it was complete.",
+                                  code="upstream_stream_cut")
+
+
+async def _next_chunk(fwd: Forwarded, wait: float) -> bytes:
+    try:
+        async with asyncio.timeout(max(wait, 0.0)):
+            return await fwd.response.read_chunk()
+    except TimeoutError:
+        raise UpstreamStreamError("The upstream stopped sending for too long; the stream was ended.",
+                         code="upstream_idle_timeout") from None
+
+
+def _estimate(request: ChatRequest, rt: Runtime) -> int:
+    completion = request.max_tokens or rt.config.quotas.default_max_tokens
+    return request.prompt_tokens + completion * request.n
+
+
+def _forward_headers(scope: Scope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    request_id = scope.get("state", {}).get("request_id")
+    if request_id:
+        out["X-Request-Id"] = request_id
+    return out
+
+
+def _upstream_header(fwd: Forwarded) -> tuple[Header, ...]:
+    return ((b"x-llm-proxy-upstream", fwd.candidate.upstream.name.encode()),)
+
+
+def _count_usage(record: RequestRecord, request: ChatRequest, body: bytes) -> None:
+    usage = _usage_of(body)
+    if usage is None:
+        record.prompt_tokens = request.prompt_tokens
+        record.completion_tokens = max(1, len(body) // 16)
+        return
+    record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    record.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+
+def _usage_of(body: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _stream_usage(relay: SseRelay, request: ChatRequest) -> tuple[int, int]:
+    if relay.usage is not None:
+        usage = relay.usage
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    # The upstream sent no usage (it ignores include_usage, or the stream was
+    # cut): one token per content event is the usual framing.
+    return request.prompt_tokens, relay.content_events
+
+
+class Models:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rt = self.gateway.runtime
+        try:
+            policy = await rt.auth.authenticate(header(scope, b"authorization"))
+        except ProxyError as exc:
+            await send_error(send, exc)
+            return
+        models = [m for m in rt.pool.models() if policy.allows(m)]
+        await send_bytes(send, 200, models_body(models), _JSON)
+
+
+class Probe:
+    """``/healthz``: the process answers. ``/readyz``: it should get traffic."""
+
+    def __init__(self, gateway: Gateway, readiness: bool) -> None:
+        self.gateway = gateway
+        self.readiness = readiness
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.readiness:
+            await send_bytes(send, 200, b'{"status":"ok"}', _JSON)
+            return
+        checks = self.gateway.ready()
+        ok = all(checks.values())
+        body = orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks})
+        await send_bytes(send, 200 if ok else 503, body, _JSON)

@@ -1,0 +1,244 @@
+"""The failover loop: try candidates until one gives a usable first byte.
+
+Nothing reaches the client until an attempt has produced its first body bytes
+(a stream) or its whole body (a non-streamed answer), so every failure before
+that point can move on to the next candidate (DESIGN.md §6). Which upstream is
+next is the pool's business; whether it is healthy is the health machine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+
+from . import providers
+from .config import RoutingConfig
+from .errors import (
+    NoUpstreamAvailableError,
+    ProxyError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from .pool import Candidate, Pool
+from .retry_after import cooldown_seconds
+from .schema import ChatRequest
+from .transport import Transport, UpstreamResponse
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class AttemptEvents(Protocol):
+    def attempt(self, upstream: str, outcome: str, seconds: float) -> None: ...
+
+    def failover(self, model: str, from_upstream: str) -> None: ...
+
+
+class NoEvents:
+    def attempt(self, upstream: str, outcome: str, seconds: float) -> None:
+        return None
+
+    def failover(self, model: str, from_upstream: str) -> None:
+        return None
+
+
+class _AttemptFailed(Exception):
+    """Internal: this candidate failed in a way the next one may not."""
+
+    def __init__(self, outcome: str, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.outcome = outcome
+        self.error = error
+
+
+@dataclass
+class Forwarded:
+    """A committed upstream answer: the first bytes are in hand."""
+
+    candidate: Candidate
+    response: UpstreamResponse
+    first: bytes  # stream: the first chunk; otherwise the whole body
+    ttfb: float  # seconds from the start of the winning attempt
+    attempts: int
+    upstream_seconds: float = 0.0
+    _done: bool = field(default=False, repr=False)
+
+    def finish(self, ok: bool, now: float) -> None:
+        """Release the upstream; call exactly once when the relay ends."""
+        if self._done:
+            return
+        self._done = True
+        up = self.candidate.upstream
+        up.in_flight -= 1
+        if ok:
+            up.health.success()
+        else:
+            up.health.failure(now)
+        self.response.close()
+
+
+class Forwarder:
+    def __init__(self, transports: Callable[[str], Transport], events: AttemptEvents | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._transports = transports
+        self._events = events or NoEvents()
+        self._clock = clock
+
+    async def forward(self, pool: Pool, routing: RoutingConfig, request: ChatRequest,
+                      candidates: Sequence[Candidate], extra_headers: dict[str, str]) -> Forwarded:
+        deadline = self._clock() + routing.deadline
+        tried: set[str] = set()
+        last: ProxyError | None = None
+        while len(tried) < routing.max_attempts:
+            now = self._clock()
+            if now >= deadline:
+                raise UpstreamTimeoutError("The upstreams did not answer within the deadline.")
+            candidate = pool.pick(request.model, candidates, tried, now)
+            if candidate is None:
+                break
+            if tried:
+                self._events.failover(request.model, sorted(tried)[-1])
+            tried.add(candidate.upstream.name)
+            try:
+                result = await self._attempt(candidate, request, deadline, extra_headers)
+            except _AttemptFailed as failed:
+                last = failed.error
+                continue
+            result.attempts = len(tried)
+            return result
+        if last is None:
+            raise NoUpstreamAvailableError(
+                f"No upstream for the model '{request.model}' is available right now; retry shortly.")
+        raise last
+
+    async def _attempt(self, candidate: Candidate, request: ChatRequest, deadline: float,
+                       extra_headers: dict[str, str]) -> Forwarded:
+        up = candidate.upstream
+        cfg = up.config
+        started = self._clock()
+        up.health.begin(started)
+        up.in_flight += 1
+        limit = min(cfg.timeout.first_byte if request.stream else cfg.timeout.total,
+                    deadline - started)
+        response: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(limit):
+                response = await self._transports(up.name).post(
+                    providers.chat_url(cfg, candidate.model),
+                    {**_BASE_HEADERS, **providers.auth_headers(cfg), **extra_headers},
+                    _payload(request, candidate.model))
+                self._check_status(candidate, response)
+                relayed_error = response.status >= 400
+                if request.stream and not relayed_error:
+                    _check_event_stream(response)
+                first = await (response.read_chunk() if request.stream and not relayed_error
+                               else _read_body(response))
+            if not relayed_error:
+                self._check_first(request, first)
+        except TimeoutError:
+            self._fail(candidate, response, "timeout", started, health=True)
+            raise _AttemptFailed("timeout", UpstreamTimeoutError(
+                f"The upstream did not answer within {limit:.3g}s.")) from None
+        except UpstreamConnectionError as exc:
+            self._fail(candidate, response, "connect_error", started, health=True)
+            raise _AttemptFailed("connect_error", exc) from None
+        except _AttemptFailed as failed:
+            self._fail(candidate, response, failed.outcome, started, health=failed.outcome != "429")
+            raise
+        ttfb = self._clock() - started
+        up.observe_ttfb(ttfb)
+        self._events.attempt(up.name, "ok" if response.status < 400 else "4xx", ttfb)
+        return Forwarded(candidate, response, first, ttfb, 0)
+
+    def _check_status(self, candidate: Candidate, response: UpstreamResponse) -> None:
+        status = response.status
+        health = candidate.upstream.health
+        if status == 429:
+            health.cool_down(self._clock(), cooldown_seconds(response.headers))
+            raise _AttemptFailed("429", UpstreamError(
+                "Every upstream for this model is rate limited; retry shortly.",
+                code="upstream_rate_limited"))
+        if status in RETRYABLE_STATUS or 300 <= status < 400 or status >= 505:
+            raise _AttemptFailed("5xx", UpstreamError(
+                f"The upstream failed with status {status}."))
+        if status in (401, 403):
+            health.credentials_rejected(self._clock())
+            raise _AttemptFailed("auth_error", UpstreamError(
+                "The gateway's credentials for the upstream were rejected.",
+                code="upstream_auth_error"))
+
+    @staticmethod
+    def _check_first(request: ChatRequest, first: bytes) -> None:
+        if request.stream:
+            if not first:
+                raise _AttemptFailed("cut", UpstreamError("The upstream closed the stream at once."))
+            return
+        try:
+            parsed = orjson.loads(first)
+        except orjson.JSONDecodeError:
+            raise _AttemptFailed("5xx", UpstreamError("The upstream answered with a body that is not JSON.",
+                                                      code="upstream_bad_response")) from None
+        if not isinstance(parsed, dict) or ("error" in parsed and "choices" not in parsed):
+            raise _AttemptFailed("5xx", UpstreamError("The upstream answered with an error body.",
+                                                      code="upstream_bad_response"))
+
+    def _fail(self, candidate: Candidate, response: UpstreamResponse | None, outcome: str,
+              started: float, health: bool) -> None:
+        up = candidate.upstream
+        up.in_flight -= 1
+        now = self._clock()
+        if health:
+            up.health.failure(now)
+        if response is not None:
+            response.close()
+        self._events.attempt(up.name, outcome, now - started)
+
+
+def _check_event_stream(response: UpstreamResponse) -> None:
+    content_type = response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        raise _AttemptFailed("5xx", UpstreamError(
+            "The upstream answered a streaming request with something other than an event stream.",
+            code="upstream_bad_response"))
+
+
+_BASE_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept-Encoding": "identity",
+    "User-Agent": "llm-proxy",
+}
+
+
+def _payload(request: ChatRequest, upstream_model: str) -> bytes:
+    body = dict(request.body)
+    body["model"] = upstream_model
+    if request.stream and not request.include_usage:
+        # Ask for the usage event so streamed tokens are counted; the relay strips it again.
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
+    return orjson.dumps(body)
+
+
+async def _read_body(response: UpstreamResponse) -> bytes:
+    if response.status >= 400:
+        # Error bodies of 4xx answers are relayed, but never unbounded.
+        return await _read_all(response, 1024 * 1024)
+    return await _read_all(response, MAX_BODY_BYTES)
+
+
+async def _read_all(response: UpstreamResponse, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await response.read_chunk():
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise _AttemptFailed("5xx", UpstreamError("The upstream's answer is too large."))
+    return b"".join(parts)

@@ -1,0 +1,67 @@
+"""Pure ASGI middleware: request ids, and the one top-level error handler."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from .asgi import Message, Receive, Scope, Send, header, send_error
+from .errors import InternalError, ProxyError
+
+_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Every response carries ``x-request-id``: the client's when it sent a
+    sane one, otherwise a new one. Stored in ``scope["state"]["request_id"]``."""
+
+    def __init__(self, app: object) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)  # type: ignore[operator]
+            return
+        given = header(scope, b"x-request-id")
+        request_id = given if given is not None and _SAFE_ID.match(given) else secrets.token_hex(16).encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)  # type: ignore[operator]
+
+
+class ErrorMiddleware:
+    """The last line: a ProxyError that escaped becomes its OpenAI-format
+    answer; anything else is logged with its traceback and becomes a plain
+    500 that reveals nothing."""
+
+    def __init__(self, app: object, logger: logging.Logger) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)  # type: ignore[operator]
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)  # type: ignore[operator]
+        except ProxyError as exc:
+            if not started:
+                await send_error(send, exc)
+        except Exception:  # the top-level handler: the only place a blanket catch belongs
+            self.logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await send_error(send, InternalError("The gateway hit an internal error."))

@@ -1,0 +1,206 @@
+"""A real OpenAI-compatible HTTP server on loopback that tests can make fail.
+
+It runs aiohttp.web on its own event loop in a background thread, so the
+gateway (a separate process, or uvicorn in the test) reaches it over TCP just
+as it would reach a provider. Answers are the ``proxy.mock`` bytes, so they
+are real OpenAI framing, and every request and every byte sent is recorded.
+
+Behaviours (``stub.behave(mode, **options)`` for all requests, or
+``stub.queue(mode, ...)`` for the next ones, in order):
+  ok, status (options: status, body), 429 (retry_after), hang (no headers),
+  hang_body (headers, then nothing), cut (stream: ``after`` events then the
+  connection drops), stall (stream: ``after`` events then silence), slow
+  (``delay`` between events), garbage (200 with a non-JSON body), html_error
+  (502 text/html), error_200 (200 with an OpenAI error body), no_done
+  (stream without ``[DONE]``), reset (connection closed before any answer),
+  no_usage (ignores include_usage, like some OpenAI-compatible servers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import mock
+
+
+@dataclass
+class Behaviour:
+    mode: str = "ok"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Seen:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: dict[str, Any]
+    sent: bytes = b""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StubUpstream:
+    def __init__(self, completion_tokens: int = 8) -> None:
+        self.completion_tokens = completion_tokens
+        self.port = free_port()
+        self.default = Behaviour()
+        self._queue: list[Behaviour] = []
+        self.seen: list[Seen] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def behave(self, mode: str, **options: Any) -> None:
+        with self.lock:
+            self.default = Behaviour(mode, options)
+            self._queue.clear()
+
+    def queue(self, *modes: str | Behaviour) -> None:
+        with self.lock:
+            self._queue.extend(m if isinstance(m, Behaviour) else Behaviour(m) for m in modes)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.default = Behaviour()
+            self._queue.clear()
+            self.seen.clear()
+            self.max_in_flight = 0
+
+    @property
+    def chat_requests(self) -> list[Seen]:
+        return [s for s in self.seen if s.path.endswith("/chat/completions")]
+
+    def start(self) -> StubUpstream:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def _next(self) -> Behaviour:
+        with self.lock:
+            return self._queue.pop(0) if self._queue else self.default
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.seen.append(Seen(request.path, dict(request.query), dict(request.headers), {}))
+        if self._next().mode == "status":
+            return web.Response(status=503)
+        return web.Response(body=mock.models_body(["stub-model"]), content_type="application/json")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        seen = Seen(request.path, dict(request.query), dict(request.headers), body)
+        self.seen.append(seen)
+        behaviour = self._next()
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await _answer(self, request, body, behaviour, seen)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+async def _answer(stub: StubUpstream, request: web.Request, body: dict[str, Any], b: Behaviour,
+                  seen: Seen) -> web.StreamResponse:
+    opts = b.options
+    if opts.get("delay_headers"):
+        await asyncio.sleep(opts["delay_headers"])
+    if b.mode == "hang":
+        await asyncio.sleep(3600)
+    if b.mode == "reset":
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response(status=500)
+    if b.mode == "status":
+        return _json(seen, opts.get("body", {"error": {"message": "stub failure", "type": "server_error",
+                                                          "param": None, "code": None}}),
+                     opts.get("status", 500), opts.get("headers"))
+    if b.mode == "429":
+        headers = {"Retry-After": str(opts.get("retry_after", 1))}
+        return _json(seen, {"error": {"message": "Rate limit reached", "type": "requests",
+                                      "param": None, "code": "rate_limit_exceeded"}}, 429, headers)
+    if b.mode == "garbage":
+        return _raw(seen, b"<<not json at all", "application/json")
+    if b.mode == "html_error":
+        return _raw(seen, b"<html><body>502 Bad Gateway</body></html>", "text/html", 502)
+    if b.mode == "error_200":
+        return _json(seen, {"error": {"message": "overloaded", "type": "server_error",
+                                      "param": None, "code": None}}, 200)
+    plan = mock.plan(body, stub.completion_tokens)
+    if b.mode == "hang_body" and not body.get("stream"):
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await asyncio.sleep(3600)
+    if not body.get("stream"):
+        return _raw(seen, mock.completion_body(plan), "application/json")
+    return await _stream(request, body, b, plan, seen)
+
+
+async def _stream(request: web.Request, body: dict[str, Any], b: Behaviour, plan: mock.Completion,
+                  seen: Seen) -> web.StreamResponse:
+    opts = b.options
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and b.mode != "no_usage"
+    events = list(mock.stream_events(plan, include_usage))
+    if b.mode == "no_done":
+        events = events[:-1]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    if b.mode == "hang_body":
+        await asyncio.sleep(3600)
+    for i, event in enumerate(events):
+        if b.mode in ("cut", "stall") and i == opts.get("after", 2):
+            if b.mode == "stall":
+                await asyncio.sleep(3600)
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        if b.mode == "slow" and i:
+            await asyncio.sleep(opts.get("delay", 0.05))
+        await resp.write(event)
+        seen.sent += event
+    await resp.write_eof()
+    return resp
+
+
+def _json(seen: Seen, payload: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return _raw(seen, orjson.dumps(payload), "application/json", status, headers)
+
+
+def _raw(seen: Seen, data: bytes, content_type: str, status: int = 200,
+         headers: dict[str, str] | None = None) -> web.Response:
+    seen.sent = data
+    return web.Response(body=data, status=status, content_type=content_type, headers=headers)
