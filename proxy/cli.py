@@ -68,14 +68,21 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import GatewayServer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = _load(args.config)
     if config is None:
         return 1
-    app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_level=args.log_level, access_log=False, server_header=False, date_header=False)
+    log = logging.getLogger("llm_proxy")
+    app = create_app(config, config_path=args.config, logger=log)
+    settings = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+                              lifespan="on", log_level=args.log_level, access_log=False,
+                              server_header=False, date_header=False,
+                              timeout_graceful_shutdown=int(config.server.shutdown_grace) or None)
+    server = GatewayServer(settings, app.state.gateway, config.server.shutdown_delay, log)
+    server.run()
     return 0
 
 

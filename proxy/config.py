@@ -51,6 +51,15 @@ class MockSettings:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """Optional active check: ``GET {base_url}/models``, never a paid completion."""
+
+    interval: float = 10.0
+    timeout: float = 3.0
+    unhealthy_threshold: int = 2  # consecutive failed checks that eject
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     base_url: str
@@ -63,6 +72,7 @@ class UpstreamConfig:
     max_concurrency: int | None = None
     timeout: Timeouts = Timeouts()
     mock: MockSettings = MockSettings()
+    health_check: HealthCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,25 @@ class RoutingConfig:
     strategy: Strategy = "least_requests"
     max_attempts: int = 3
     deadline: float = 120.0
+    retry_budget: float = 0.2  # retries may add at most this fraction of requests...
+    min_retries_per_second: float = 5.0  # ...plus this floor, so a quiet gateway can still retry
+    wait_for_cooldown: bool = False  # all cooling down: wait for the first to recover, within the deadline
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Passive health (circuit breaker) policy; see health.py for the states."""
+
+    failure_threshold: int = 5
+    base_ejection: float = 5.0
+    max_ejection: float = 300.0
+    credentials_recheck: float = 60.0
+    max_cooldown: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    fallbacks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +146,9 @@ class QuotasConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
+    shutdown_delay: float = 5.0  # after SIGTERM: not ready, still serving
+    shutdown_grace: float = 30.0  # then: in-flight requests and streams may finish for this long
+    reload_interval: float = 2.0  # seconds between config file checks; 0: only on SIGHUP
 
 
 @dataclass(frozen=True)
@@ -127,6 +159,8 @@ class Config:
     teams: tuple[TeamConfig, ...] = ()
     quotas: QuotasConfig = QuotasConfig()
     server: ServerConfig = ServerConfig()
+    health: HealthConfig = HealthConfig()
+    models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
     redis_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
 
@@ -164,8 +198,8 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
 
 
 def _config(r: Reader, raw: Any) -> Config | None:
-    d = r.mapping(raw, "", {"upstreams", "routing", "keys", "teams", "quotas", "server",
-                            "redis_url", "admin_key"})
+    d = r.mapping(raw, "", {"upstreams", "routing", "keys", "teams", "quotas", "server", "health",
+                            "models", "redis_url", "admin_key"})
     if d is None:
         return None
     upstreams = _each(r, d.get("upstreams"), "upstreams", _upstream, required=True)
@@ -183,6 +217,8 @@ def _config(r: Reader, raw: Any) -> Config | None:
         teams=teams,
         quotas=_quotas(r, d.get("quotas"), "quotas"),
         server=_server(r, d.get("server"), "server"),
+        health=_health(r, d.get("health"), "health"),
+        models=_model_settings(r, d.get("models"), "models", {m for u in upstreams for m in u.models}),
         redis_url=r.string(d.get("redis_url"), "redis_url", empty_is_none=True),
         admin_key=r.string(d.get("admin_key"), "admin_key", empty_is_none=True),
     )
@@ -204,7 +240,8 @@ def _check_unique(r: Reader, path: str, names: list[str]) -> None:
 
 def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
     d = r.mapping(raw, path, {"name", "provider", "base_url", "api_key", "api_version", "models",
-                              "weight", "priority", "max_concurrency", "timeout", "mock"})
+                              "weight", "priority", "max_concurrency", "timeout", "mock",
+                              "health_check"})
     if d is None:
         return None
     provider = r.choice(d.get("provider", "openai"), f"{path}.provider", PROVIDERS)
@@ -230,6 +267,7 @@ def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
         max_concurrency=r.optional_int(d.get("max_concurrency"), f"{path}.max_concurrency", minimum=1),
         timeout=_timeouts(r, d.get("timeout"), f"{path}.timeout"),
         mock=_mock(r, d.get("mock"), f"{path}.mock"),
+        health_check=_health_check(r, d.get("health_check"), f"{path}.health_check"),
     )
 
 
@@ -273,10 +311,56 @@ def _mock(r: Reader, raw: Any, path: str) -> MockSettings:
     )
 
 
+def _health_check(r: Reader, raw: Any, path: str) -> HealthCheck | None:
+    if raw is None or raw is False:
+        return None
+    d = r.mapping({} if raw is True else raw, path, {"interval", "timeout", "unhealthy_threshold"}) or {}
+    dflt = HealthCheck()
+    return HealthCheck(
+        interval=r.number(d.get("interval", dflt.interval), f"{path}.interval", minimum=0.1),
+        timeout=r.number(d.get("timeout", dflt.timeout), f"{path}.timeout", minimum=0, exclusive=True),
+        unhealthy_threshold=r.integer(d.get("unhealthy_threshold", dflt.unhealthy_threshold),
+                                      f"{path}.unhealthy_threshold", minimum=1),
+    )
+
+
+def _health(r: Reader, raw: Any, path: str) -> HealthConfig:
+    names = ("failure_threshold", "base_ejection", "max_ejection", "credentials_recheck", "max_cooldown")
+    d = r.mapping(raw, path, set(names), optional=True) or {}
+    dflt = HealthConfig()
+    return HealthConfig(
+        failure_threshold=r.integer(d.get("failure_threshold", dflt.failure_threshold),
+                                    f"{path}.failure_threshold", minimum=1),
+        **{n: r.number(d.get(n, getattr(dflt, n)), f"{path}.{n}", minimum=0, exclusive=True)
+           for n in names[1:]},
+    )
+
+
+def _model_settings(r: Reader, raw: Any, path: str, known: set[str]) -> Mapping[str, ModelConfig]:
+    d = r.mapping(raw, path, known, optional=True) or {}
+    out: dict[str, ModelConfig] = {}
+    for model, settings in d.items():
+        s = r.mapping(settings, f"{path}.{model}", {"fallbacks"}) or {}
+        fallbacks = tuple(f for i, f in enumerate(r.seq(s.get("fallbacks"), f"{path}.{model}.fallbacks"))
+                          if r.string(f, f"{path}.{model}.fallbacks[{i}]", required=True))
+        for i, name in enumerate(fallbacks):
+            if name not in known or name == model:
+                r.problem(f"{path}.{model}.fallbacks[{i}]",
+                          f"must be another configured model (got {name!r})")
+        out[str(model)] = ModelConfig(fallbacks=fallbacks)
+    return MappingProxyType(out)
+
+
 def _routing(r: Reader, raw: Any, path: str) -> RoutingConfig:
-    d = r.mapping(raw, path, {"strategy", "max_attempts", "deadline"}, optional=True) or {}
+    d = r.mapping(raw, path, {"strategy", "max_attempts", "deadline", "retry_budget",
+                              "min_retries_per_second", "wait_for_cooldown"}, optional=True) or {}
     dflt = RoutingConfig()
     return RoutingConfig(
+        retry_budget=r.number(d.get("retry_budget", dflt.retry_budget), f"{path}.retry_budget", minimum=0),
+        min_retries_per_second=r.number(d.get("min_retries_per_second", dflt.min_retries_per_second),
+                                        f"{path}.min_retries_per_second", minimum=0),
+        wait_for_cooldown=r.boolean(d.get("wait_for_cooldown", dflt.wait_for_cooldown),
+                                    f"{path}.wait_for_cooldown"),
         strategy=r.choice(d.get("strategy", dflt.strategy), f"{path}.strategy", STRATEGIES)
         or dflt.strategy,
         max_attempts=r.integer(d.get("max_attempts", dflt.max_attempts), f"{path}.max_attempts",
@@ -359,10 +443,14 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
 
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
-    d = r.mapping(raw, path, {"max_body_bytes"}, optional=True) or {}
+    d = r.mapping(raw, path, {"max_body_bytes", "shutdown_delay", "shutdown_grace", "reload_interval"},
+                  optional=True) or {}
+    dflt = ServerConfig()
     return ServerConfig(
-        max_body_bytes=r.integer(d.get("max_body_bytes", ServerConfig.max_body_bytes),
+        max_body_bytes=r.integer(d.get("max_body_bytes", dflt.max_body_bytes),
                                  f"{path}.max_body_bytes", minimum=1024),
+        **{n: r.number(d.get(n, getattr(dflt, n)), f"{path}.{n}", minimum=0)
+           for n in ("shutdown_delay", "shutdown_grace", "reload_interval")},
     )
 
 

@@ -110,6 +110,15 @@ class Reader:
             return None
         return self.integer(raw, path, minimum)
 
+    def boolean(self, raw: Any, path: str) -> bool:
+        value = self.substitute(raw, path)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            self.problem(path, "must be true or false")
+            return False
+        return value
+
     def timestamp(self, raw: Any, path: str) -> datetime | None:
         value = self.substitute(raw, path)
         if value in (None, ""):

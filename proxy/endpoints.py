@@ -15,9 +15,10 @@ from typing import Any
 import orjson
 
 from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body, send_bytes, send_error
-from .errors import Header, ProxyError, ServiceUnavailableError, UpstreamStreamError
-from .forwarding import Forwarded
+from .errors import Header, ProxyError, UpstreamStreamError
+from .forwarding import Forwarded, Route
 from .gateway import Gateway, Runtime
+from .keys import KeyPolicy
 from .mock import models_body
 from .schema import ChatRequest, parse_chat_request
 from .streaming import SseRelay, error_event
@@ -64,8 +65,6 @@ class ChatCompletions:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         gw = self.gateway
-        if gw.draining:
-            raise ServiceUnavailableError("The gateway is shutting down; retry.")
         rt = gw.runtime
         policy = await rt.auth.authenticate(header(scope, b"authorization"))
         record.team, record.key_name = policy.team or "", policy.name
@@ -74,14 +73,14 @@ class ChatCompletions:
         request = parse_chat_request(raw, content_type.decode("latin-1") if content_type else None)
         record.model, record.stream = request.model, request.stream
         policy.check_model(request.model)
-        candidates = rt.pool.candidates(request.model)
+        route = _route(rt, policy, request.model)
         reservation = await gw.quotas.reserve(policy, _estimate(request, rt))
         record.headers.extend(reservation.headers)
         watch = DisconnectWatch()
         forwarded: Forwarded | None = None
         try:
             async with watch.watching(receive):
-                forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, candidates,
+                forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
                                                        _forward_headers(scope))
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
@@ -161,8 +160,20 @@ def _forward_headers(scope: Scope) -> dict[str, str]:
     return out
 
 
+def _route(rt: Runtime, policy: KeyPolicy, model: str) -> Route:
+    chain = [(model, rt.pool.candidates(model))]
+    settings = rt.config.models.get(model)
+    for fallback in settings.fallbacks if settings else ():
+        if policy.allows(fallback):
+            chain.append((fallback, rt.pool.candidates(fallback)))
+    return Route(tuple(chain))
+
+
 def _upstream_header(fwd: Forwarded) -> tuple[Header, ...]:
-    return ((b"x-llm-proxy-upstream", fwd.candidate.upstream.name.encode()),)
+    upstream = (b"x-llm-proxy-upstream", fwd.candidate.upstream.name.encode())
+    if fwd.model and fwd.model != fwd.request_model:
+        return upstream, (b"x-llm-proxy-fallback-model", fwd.model.encode())
+    return (upstream,)
 
 
 def _count_usage(record: RequestRecord, request: ChatRequest, body: bytes) -> None:

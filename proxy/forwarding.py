@@ -9,6 +9,7 @@ next is the pool's business; whether it is healthy is the health machine's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from .errors import (
 )
 from .pool import Candidate, Pool
 from .retry_after import cooldown_seconds
+from .retry_budget import RetryBudget
 from .schema import ChatRequest
-from .transport import Transport, UpstreamResponse
+from .transport import UpstreamResponse
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -46,6 +48,13 @@ class NoEvents:
 
     def failover(self, model: str, from_upstream: str) -> None:
         return None
+
+
+@dataclass
+class _Tries:
+    attempts: int = 0
+    last: ProxyError | None = None
+    failed_upstream: str = ""
 
 
 class _AttemptFailed(Exception):
@@ -66,7 +75,8 @@ class Forwarded:
     first: bytes  # stream: the first chunk; otherwise the whole body
     ttfb: float  # seconds from the start of the winning attempt
     attempts: int
-    upstream_seconds: float = 0.0
+    model: str = ""  # the public model that answered (a fallback, perhaps)
+    request_model: str = ""
     _done: bool = field(default=False, repr=False)
 
     def finish(self, ok: bool, now: float) -> None:
@@ -83,39 +93,82 @@ class Forwarded:
         self.response.close()
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a request may go: its model, then its fallbacks, in order."""
+
+    models: tuple[tuple[str, Sequence[Candidate]], ...]
+
+
 class Forwarder:
-    def __init__(self, transports: Callable[[str], Transport], events: AttemptEvents | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._transports = transports
+    def __init__(self, events: AttemptEvents | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 budget: RetryBudget | None = None,
+                 logger: logging.Logger | None = None) -> None:
+        self._log = logger or logging.getLogger("llm_proxy")
         self._events = events or NoEvents()
         self._clock = clock
+        self.budget = budget
 
-    async def forward(self, pool: Pool, routing: RoutingConfig, request: ChatRequest,
-                      candidates: Sequence[Candidate], extra_headers: dict[str, str]) -> Forwarded:
+    async def forward(self, pool: Pool, routing: RoutingConfig, request: ChatRequest, route: Route,
+                      extra_headers: dict[str, str]) -> Forwarded:
         deadline = self._clock() + routing.deadline
+        if self.budget is not None:
+            self.budget.deposit()
+        state = _Tries()
+        for model, candidates in route.models:
+            result = await self._try_model(pool, routing, request, model, candidates, deadline,
+                                           extra_headers, state)
+            if result is not None:
+                result.model, result.request_model = model, request.model
+                return result
+        if state.last is None:
+            raise NoUpstreamAvailableError(
+                f"No upstream for the model '{request.model}' is available right now; retry shortly.")
+        raise state.last
+
+    async def _try_model(self, pool: Pool, routing: RoutingConfig, request: ChatRequest, model: str,
+                         candidates: Sequence[Candidate], deadline: float,
+                         extra_headers: dict[str, str], state: _Tries) -> Forwarded | None:
         tried: set[str] = set()
-        last: ProxyError | None = None
         while len(tried) < routing.max_attempts:
             now = self._clock()
             if now >= deadline:
                 raise UpstreamTimeoutError("The upstreams did not answer within the deadline.")
-            candidate = pool.pick(request.model, candidates, tried, now)
+            candidate = pool.pick(model, candidates, tried, now)
             if candidate is None:
-                break
-            if tried:
-                self._events.failover(request.model, sorted(tried)[-1])
+                if routing.wait_for_cooldown and await self._wait_for_recovery(candidates, tried, deadline):
+                    continue
+                return None
+            if state.attempts and not self._may_retry(state, model):
+                return None
             tried.add(candidate.upstream.name)
+            state.attempts += 1
             try:
                 result = await self._attempt(candidate, request, deadline, extra_headers)
             except _AttemptFailed as failed:
-                last = failed.error
+                state.last, state.failed_upstream = failed.error, candidate.upstream.name
                 continue
-            result.attempts = len(tried)
+            result.attempts = state.attempts
             return result
-        if last is None:
-            raise NoUpstreamAvailableError(
-                f"No upstream for the model '{request.model}' is available right now; retry shortly.")
-        raise last
+        return None
+
+    def _may_retry(self, state: _Tries, model: str) -> bool:
+        if self.budget is not None and not self.budget.try_spend():
+            state.last = state.last or NoUpstreamAvailableError("The retry budget is spent.")
+            return False
+        self._events.failover(model, state.failed_upstream)
+        return True
+
+    async def _wait_for_recovery(self, candidates: Sequence[Candidate], tried: set[str],
+                                 deadline: float) -> bool:
+        now = self._clock()
+        waits = [c.upstream.health.blocked_until() for c in candidates
+                 if c.upstream.name not in tried and c.upstream.health.state(now) == "cooling_down"]
+        if not waits or min(waits) >= deadline:
+            return False
+        await asyncio.sleep(max(0.0, min(waits) - now))
+        return True
 
     async def _attempt(self, candidate: Candidate, request: ChatRequest, deadline: float,
                        extra_headers: dict[str, str]) -> Forwarded:
@@ -129,7 +182,7 @@ class Forwarder:
         response: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(limit):
-                response = await self._transports(up.name).post(
+                response = await up.transport.post(
                     providers.chat_url(cfg, candidate.model),
                     {**_BASE_HEADERS, **providers.auth_headers(cfg), **extra_headers},
                     _payload(request, candidate.model))
@@ -168,6 +221,8 @@ class Forwarder:
             raise _AttemptFailed("5xx", UpstreamError(
                 f"The upstream failed with status {status}."))
         if status in (401, 403):
+            self._log.error("upstream %s rejected the gateway's credentials (%d); holding it for %ss",
+                            candidate.upstream.name, status, health.policy.credentials_recheck)
             health.credentials_rejected(self._clock())
             raise _AttemptFailed("auth_error", UpstreamError(
                 "The gateway's credentials for the upstream were rejected.",

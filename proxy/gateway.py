@@ -1,23 +1,29 @@
 """The live gateway: everything ``create_app`` builds, passed explicitly.
 
 ``Runtime`` is the part a config reload replaces as a whole. A request takes
-one snapshot of it at its start and keeps it, so in-flight requests finish on
-the pool they started with.
+one snapshot of it at its start and keeps it, so in-flight requests and
+streams finish on the pool (and connections) they started with, while new
+requests use the new one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Config
 from .forwarding import AttemptEvents, Forwarder
-from .health import HealthPolicy
 from .keys import Authenticator, StaticKeys
 from .pool import Pool, make_selector
 from .quotas import QuotaService
-from .transport import Transport, make_transport
+from .retry_budget import RetryBudget
+from .transport import Transport
+
+# Changing these needs a restart: they shape objects built once at start-up.
+RESTART_ONLY = ("redis_url", "admin_key", "server")
 
 
 @dataclass(frozen=True)
@@ -31,38 +37,63 @@ class Gateway:
     def __init__(self, config: Config, quotas: QuotaService,
                  make_auth: Callable[[StaticKeys], Authenticator] = Authenticator,
                  events: AttemptEvents | None = None,
-                 health_policy: HealthPolicy = HealthPolicy()) -> None:
+                 logger: logging.Logger | None = None) -> None:
         self.quotas = quotas
+        self.log = logger or logging.getLogger("llm_proxy")
         self._make_auth = make_auth
-        self._health_policy = health_policy
-        self.transports: dict[str, Transport] = {}
         self.runtime = self._build(config, None)
-        self.forwarder = Forwarder(self.transport, events, time.monotonic)
+        self.forwarder = Forwarder(events, time.monotonic, _budget(config), self.log)
         self.draining = False
+        self._retired: set[Transport] = set()
+        self._closers: set[asyncio.Task[None]] = set()
 
     def _build(self, config: Config, old: Runtime | None) -> Runtime:
-        keep = old.pool.upstreams if old else None
-        pool = Pool(config, make_selector(config.routing.strategy), self._health_policy, keep)
-        for upstream in config.upstreams:
-            previous = old.config if old else None
-            unchanged = previous is not None and upstream in previous.upstreams
-            if upstream.name not in self.transports or not unchanged:
-                self.transports[upstream.name] = make_transport(upstream)
+        pool = Pool(config, make_selector(config.routing.strategy), config.health,
+                    keep=old.pool.upstreams if old else None)
         return Runtime(config, pool, self._make_auth(StaticKeys(config)))
 
-    def transport(self, name: str) -> Transport:
-        return self.transports[name]
+    def reload(self, config: Config) -> None:
+        """Swap in a validated config atomically; unchanged upstreams keep
+        their health and connections."""
+        old = self.runtime
+        for name in RESTART_ONLY:
+            if getattr(old.config, name) != getattr(config, name):
+                self.log.warning("config reload: '%s' changed; it takes effect at the next restart", name)
+        self.runtime = self._build(config, old)
+        if old.config.routing != config.routing:
+            self.forwarder.budget = _budget(config)
+        retired = [u.transport for u in old.pool.retired_by(self.runtime.pool)]
+        if retired:
+            # In-flight requests on the old pool may still use these; close them
+            # only once the longest answer they could be serving is over.
+            grace = max(u.config.timeout.total for u in old.pool.upstreams.values())
+            self._retired.update(retired)
+            task = asyncio.get_running_loop().create_task(self._close_later(retired, grace))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    async def _close_later(self, transports: list[Transport], delay: float) -> None:
+        await asyncio.sleep(delay)
+        for transport in transports:
+            self._retired.discard(transport)
+            await transport.close()
 
     def ready(self) -> dict[str, bool]:
-        now = time.monotonic()
         return {
             "config_loaded": True,
-            "upstream_available": self.runtime.pool.any_available(now),
+            "upstream_available": self.runtime.pool.any_available(time.monotonic()),
             "quota_store": self.quotas.ready(),
             "accepting": not self.draining,
         }
 
     async def close(self) -> None:
-        for transport in self.transports.values():
+        for task in list(self._closers):
+            task.cancel()
+        transports = {u.transport for u in self.runtime.pool.upstreams.values()} | self._retired
+        for transport in transports:
             await transport.close()
         await self.quotas.close()
+
+
+def _budget(config: Config) -> RetryBudget:
+    return RetryBudget(config.routing.retry_budget, config.routing.min_retries_per_second)

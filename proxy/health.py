@@ -19,23 +19,15 @@ without sleeping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
+
+from .config import HealthConfig
 
 State = Literal["healthy", "cooling_down", "ejected", "half_open", "credentials_bad"]
 
 
-@dataclass(frozen=True)
-class HealthPolicy:
-    failure_threshold: int = 5
-    base_ejection: float = 5.0
-    max_ejection: float = 300.0
-    credentials_recheck: float = 60.0
-    max_cooldown: float = 3600.0
-
-
 class Health:
-    def __init__(self, policy: HealthPolicy) -> None:
+    def __init__(self, policy: HealthConfig) -> None:
         self.policy = policy
         self._failures = 0
         self._ejections = 0
@@ -82,6 +74,11 @@ class Health:
         until = now + min(max(seconds, 0.0), self.policy.max_cooldown)
         if until > self._until or self._blocked == "healthy":
             self._blocked, self._until = "cooling_down", until
+
+    def eject(self, now: float) -> None:
+        """An active check found the upstream down: eject without waiting for users to fail."""
+        self._probe_out = False
+        self._eject(now)
 
     def credentials_rejected(self, now: float) -> None:
         self._probe_out = False

@@ -12,20 +12,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import Config, Strategy, UpstreamConfig
+from .config import Config, HealthConfig, Strategy, UpstreamConfig
 from .errors import ModelNotFoundError
-from .health import Health, HealthPolicy
+from .health import Health
+from .transport import Transport, make_transport
 
 
 class Upstream:
-    """One configured upstream and its live state on this replica."""
+    """One configured upstream, its connection pool, and its live state on this replica."""
 
-    def __init__(self, config: UpstreamConfig, health: Health) -> None:
+    def __init__(self, config: UpstreamConfig, health: Health, transport: Transport) -> None:
         self.config = config
         self.name = config.name
         self.health = health
+        self.transport = transport
         self.in_flight = 0
         self.ttfb_ewma: float | None = None
+        self.check_failures = 0  # consecutive failed active checks
 
     def available(self, now: float) -> bool:
         cap = self.config.max_concurrency
@@ -125,14 +128,17 @@ def make_selector(strategy: Strategy, rng: random.Random | None = None) -> Selec
 
 class Pool:
     def __init__(self, config: Config, selector: Selector,
-                 health_policy: HealthPolicy = HealthPolicy(),
-                 keep: Mapping[str, Upstream] | None = None) -> None:
+                 health_policy: HealthConfig = HealthConfig(),
+                 keep: Mapping[str, Upstream] | None = None,
+                 transport: Callable[[UpstreamConfig], Transport] = make_transport) -> None:
         self.upstreams: dict[str, Upstream] = {}
         for uc in config.upstreams:
             old = (keep or {}).get(uc.name)
-            # A reload keeps the live health of an upstream whose config did not change.
-            health = old.health if old is not None and old.config == uc else Health(health_policy)
-            self.upstreams[uc.name] = Upstream(uc, health)
+            if old is not None and old.config == uc:
+                # A reload keeps the live state and connections of an unchanged upstream.
+                self.upstreams[uc.name] = Upstream(uc, old.health, old.transport)
+            else:
+                self.upstreams[uc.name] = Upstream(uc, Health(health_policy), transport(uc))
         self._routes: dict[str, list[Candidate]] = {}
         for up in self.upstreams.values():
             for public, own in up.config.models.items():
@@ -167,3 +173,8 @@ class Pool:
 
     def any_available(self, now: float) -> bool:
         return any(u.available(now) for u in self.upstreams.values())
+
+    def retired_by(self, new: Pool) -> list[Upstream]:
+        """Upstreams of this pool whose connections the new pool does not reuse."""
+        kept = {id(u.transport) for u in new.upstreams.values()}
+        return [u for u in self.upstreams.values() if id(u.transport) not in kept]

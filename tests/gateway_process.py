@@ -58,14 +58,23 @@ class GatewayProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop at once (SIGINT; again to skip uvicorn's wait for open requests)."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(5)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def close(self) -> None:
         self.stop()

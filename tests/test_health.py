@@ -1,8 +1,9 @@
 """The upstream health state machine, driven by an explicit clock."""
 
-from proxy.health import Health, HealthPolicy
+from proxy.config import HealthConfig
+from proxy.health import Health
 
-POLICY = HealthPolicy(failure_threshold=3, base_ejection=10, max_ejection=40, credentials_recheck=60)
+POLICY = HealthConfig(failure_threshold=3, base_ejection=10, max_ejection=40, credentials_recheck=60)
 
 
 def test_healthy_until_threshold_of_consecutive_failures() -> None:
