@@ -131,7 +131,8 @@ class Forwarder:
                          candidates: Sequence[Candidate], deadline: float,
                          extra_headers: dict[str, str], state: _Tries) -> Forwarded | None:
         tried: set[str] = set()
-        while len(tried) < routing.max_attempts:
+        attempts = 0
+        while attempts < routing.max_attempts:
             now = self._clock()
             if now >= deadline:
                 raise UpstreamTimeoutError("The upstreams did not answer within the deadline.")
@@ -143,6 +144,7 @@ class Forwarder:
             if state.attempts and not self._may_retry(state, model):
                 return None
             tried.add(candidate.upstream.name)
+            attempts += 1
             state.attempts += 1
             try:
                 result = await self._attempt(candidate, request, deadline, extra_headers)
@@ -162,12 +164,18 @@ class Forwarder:
 
     async def _wait_for_recovery(self, candidates: Sequence[Candidate], tried: set[str],
                                  deadline: float) -> bool:
+        """Every candidate is cooling down: sleep until the first recovers, if
+        that is within the deadline; an upstream that asked us to wait may be
+        tried again afterwards."""
         now = self._clock()
-        waits = [c.upstream.health.blocked_until() for c in candidates
-                 if c.upstream.name not in tried and c.upstream.health.state(now) == "cooling_down"]
-        if not waits or min(waits) >= deadline:
+        cooling = [c.upstream for c in candidates if c.upstream.health.state(now) == "cooling_down"]
+        if not cooling:
             return False
-        await asyncio.sleep(max(0.0, min(waits) - now))
+        first = min(cooling, key=lambda u: u.health.blocked_until())
+        if first.health.blocked_until() >= deadline:
+            return False
+        await asyncio.sleep(max(0.0, first.health.blocked_until() - now))
+        tried.discard(first.name)
         return True
 
     async def _attempt(self, candidate: Candidate, request: ChatRequest, deadline: float,

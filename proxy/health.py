@@ -10,6 +10,8 @@ States and transitions (DESIGN.md §6):
   ``max_ejection``. When it runs out the upstream is ``half_open``.
 - ``half_open``: exactly one probe request is let through; success readmits
   (``healthy``, back-off reset), failure ejects again with a longer back-off.
+- An active health check that fails ejects with no end time: only a passing
+  check readmits, so no user request is spent as a probe.
 - ``credentials_bad``: the upstream answered 401/403. It is retried only
   after ``credentials_recheck`` seconds, so a bad key does not burn retries.
 
@@ -19,6 +21,7 @@ without sleeping.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from .config import HealthConfig
@@ -75,10 +78,12 @@ class Health:
         if until > self._until or self._blocked == "healthy":
             self._blocked, self._until = "cooling_down", until
 
-    def eject(self, now: float) -> None:
-        """An active check found the upstream down: eject without waiting for users to fail."""
+    def eject(self) -> None:
+        """An active check found the upstream down: held out, with no user
+        request as a probe, until a check passes (``success``)."""
         self._probe_out = False
-        self._eject(now)
+        self._failures = 0
+        self._blocked, self._until = "ejected", math.inf
 
     def credentials_rejected(self, now: float) -> None:
         self._probe_out = False

@@ -61,7 +61,7 @@ class ActiveChecks:
         up.check_failures += 1
         if up.check_failures >= settings.unhealthy_threshold and up.health.state(now) == "healthy":
             self._log.warning("upstream %s failed %d health checks; ejected", up.name, up.check_failures)
-            up.health.eject(now)
+            up.health.eject()
             self._on_state(up)
         return False
 

@@ -60,6 +60,7 @@ class StubUpstream:
         self.seen: list[Seen] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.models_status = 200  # what GET /v1/models (the active health check) answers
         self.lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -84,6 +85,7 @@ class StubUpstream:
             self._queue.clear()
             self.seen.clear()
             self.max_in_flight = 0
+            self.models_status = 200
 
     @property
     def chat_requests(self) -> list[Seen]:
@@ -115,8 +117,8 @@ class StubUpstream:
 
     async def _models(self, request: web.Request) -> web.Response:
         self.seen.append(Seen(request.path, dict(request.query), dict(request.headers), {}))
-        if self._next().mode == "status":
-            return web.Response(status=503)
+        if self.models_status != 200:
+            return web.Response(status=self.models_status)
         return web.Response(body=mock.models_body(["stub-model"]), content_type="application/json")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:

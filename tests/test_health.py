@@ -71,3 +71,11 @@ def test_bad_credentials_hold_traffic_then_probe() -> None:
     h.credentials_rejected(0)
     assert h.state(59) == "credentials_bad" and not h.available(59)
     assert h.state(60) == "half_open" and h.available(60)
+
+
+def test_check_ejection_lasts_until_a_check_passes() -> None:
+    h = Health(POLICY)
+    h.eject()
+    assert h.state(10**6) == "ejected" and not h.available(10**6)
+    h.success()
+    assert h.state(0) == "healthy"

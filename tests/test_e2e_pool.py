@@ -1,0 +1,177 @@
+"""The pool in production (issue: health, balancing, reload, shutdown), seen
+from outside: real gateway processes, real upstream servers, real signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.gateway_process import GatewayProcess
+from tests.stub_upstream import StubUpstream
+
+KEY = "sk-pool-test"
+MESSAGES = [{"role": "user", "content": "hello"}]
+StartGateway = Callable[..., GatewayProcess]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _config(upstreams: str, extra: str = "") -> str:
+    return f"upstreams:\n{upstreams}\nkeys: [{{name: t, key: {KEY}}}]\n{extra}"
+
+
+def _post(gw: GatewayProcess, model: str = "m", stream: bool = False, timeout: float = 30) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/chat/completions", headers=AUTH, timeout=timeout,
+                      json={"model": model, "messages": MESSAGES, "stream": stream})
+
+
+def _stream_in_background(gw: GatewayProcess) -> tuple[threading.Thread, dict[str, object]]:
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                          json={"model": "m", "messages": MESSAGES, "stream": True}) as resp:
+            result["status"] = resp.status_code
+            result["upstream"] = resp.headers.get("x-llm-proxy-upstream")
+            result["body"] = b"".join(resp.iter_raw())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_reload_on_file_change_keeps_running_stream_on_old_pool(gateway: StartGateway, stub: StubUpstream,
+                                                               stub2: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}",
+                         "server: {reload_interval: 0.2}"))
+    stub.behave("slow", delay=0.1)  # 14 events: about 1.3 s
+    thread, result = _stream_in_background(gw)
+    _wait_for(lambda: stub.in_flight == 1)
+    gw.config_path.write_text(_config(f"  - {{name: b, base_url: '{stub2.url}', models: [m]}}",
+                                      "server: {reload_interval: 0.2}"))
+    _wait_for(lambda: _post(gw).headers.get("x-llm-proxy-upstream") == "b")
+    thread.join(10)
+    assert result["status"] == 200 and result["upstream"] == "a"
+    assert bytes(result["body"]).endswith(b"data: [DONE]\n\n")  # type: ignore[call-overload]
+    assert "config reloaded" in gw.log()
+
+
+def test_sighup_reloads_and_a_bad_config_is_rejected(gateway: StartGateway, stub: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}",
+                         "server: {reload_interval: 0}"))
+    gw.config_path.write_text(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m, m2]}}"))
+    gw.signal(signal.SIGHUP)
+    _wait_for(lambda: _post(gw, "m2").status_code == 200)
+    gw.config_path.write_text("upstreams: [{name: broken, base_url: 'nope', models: []}]\n")
+    gw.signal(signal.SIGHUP)
+    _wait_for(lambda: "config reload rejected" in gw.log())
+    assert "upstreams[0].base_url" in gw.log()
+    assert _post(gw, "m2").status_code == 200  # the old config still serves
+
+
+def test_sigterm_fails_readiness_at_once_finishes_streams_then_refuses(
+        gateway: StartGateway, stub: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}",
+                         "server: {shutdown_delay: 1, shutdown_grace: 10}"))
+    stub.behave("slow", delay=0.2)  # about 2.8 s: longer than the delay
+    thread, result = _stream_in_background(gw)
+    _wait_for(lambda: stub.in_flight == 1)
+    gw.signal(signal.SIGTERM)
+    _wait_for(lambda: httpx.get(gw.url + "/readyz").status_code == 503, 1)
+    assert _post(gw).status_code == 200  # still serving during the delay
+    time.sleep(1.3)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(gw.url + "/healthz", timeout=1)
+    thread.join(10)
+    assert result["status"] == 200 and bytes(result["body"]).endswith(b"data: [DONE]\n\n")  # type: ignore[call-overload]
+    assert gw.wait(10) == 0
+
+
+def test_active_check_ejects_before_users_notice_and_readmits(gateway: StartGateway, stub: StubUpstream,
+                                                             stub2: StubUpstream) -> None:
+    check = "health_check: {interval: 0.2, timeout: 1, unhealthy_threshold: 2}"
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m], {check}}}\n"
+                         f"  - {{name: b, base_url: '{stub2.url}', models: [m], priority: 1}}",
+                         "health: {base_ejection: 0.5, max_ejection: 1}"))
+    stub.models_status = 503
+    time.sleep(0.8)
+    assert {_post(gw).headers["x-llm-proxy-upstream"] for _ in range(3)} == {"b"}
+    assert stub.chat_requests == []  # no user request went to the broken upstream
+    assert all(s.path == "/v1/models" for s in stub.seen)
+    stub.models_status = 200
+    _wait_for(lambda: _post(gw).headers["x-llm-proxy-upstream"] == "a", 5)
+
+
+def test_fallback_model_serves_when_every_own_upstream_is_down(gateway: StartGateway, stub: StubUpstream,
+                                                              stub2: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [big]}}\n"
+                         f"  - {{name: b, base_url: '{stub2.url}', models: [small]}}",
+                         "models: {big: {fallbacks: [small]}}"))
+    assert "x-llm-proxy-fallback-model" not in _post(gw, "big").headers
+    stub.behave("status", status=503)
+    resp = _post(gw, "big")
+    assert resp.status_code == 200 and resp.headers["x-llm-proxy-fallback-model"] == "small"
+    assert stub2.chat_requests[-1].body["model"] == "small"
+
+
+def test_retry_budget_stops_a_failing_provider_from_multiplying_traffic(
+        gateway: StartGateway, stub: StubUpstream, stub2: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}\n"
+                         f"  - {{name: b, base_url: '{stub2.url}', models: [m]}}",
+                         "routing: {strategy: round_robin, retry_budget: 0.1, min_retries_per_second: 0}\n"
+                         "health: {failure_threshold: 1000}"))
+    stub.behave("status", status=500)
+    stub2.behave("status", status=500)
+    requests = 60
+    statuses = Counter(_post(gw).status_code for _ in range(requests))
+    attempts = len(stub.chat_requests) + len(stub2.chat_requests)
+    assert statuses[502] + statuses[503] == requests
+    assert attempts <= requests + 10 + requests * 0.1 + 1  # the burst of 10, then 10%
+
+
+def test_wait_for_cooldown_rides_out_a_short_429(gateway: StartGateway, stub: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}",
+                         "routing: {wait_for_cooldown: true, deadline: 5}"))
+    stub.queue("429")  # Retry-After: 1
+    started = time.monotonic()
+    resp = _post(gw)
+    assert resp.status_code == 200
+    assert 0.9 <= time.monotonic() - started < 3
+    assert len(stub.chat_requests) == 2
+
+
+def test_weighted_strategy_shares_real_traffic(gateway: StartGateway, stub: StubUpstream,
+                                               stub2: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m], weight: 1}}\n"
+                         f"  - {{name: b, base_url: '{stub2.url}', models: [m], weight: 3}}",
+                         "routing: {strategy: weighted}"))
+    counts = Counter(_post(gw).headers["x-llm-proxy-upstream"] for _ in range(40))
+    assert counts == {"a": 10, "b": 30}
+
+
+def test_least_requests_avoids_a_slow_upstream(gateway: StartGateway, stub: StubUpstream,
+                                              stub2: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}\n"
+                         f"  - {{name: b, base_url: '{stub2.url}', models: [m]}}",
+                         "routing: {strategy: least_requests}"))
+    stub.behave("slow", delay=0.3)
+    threads = [threading.Thread(target=_post, args=(gw, "m", True)) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(20)
+    # Streams to the slow upstream pile up, so later requests go to the fast one.
+    assert len(stub2.chat_requests) >= 3
