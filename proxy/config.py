@@ -146,6 +146,7 @@ class QuotasConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout: float = 30.0  # a client must deliver its whole body within this (slow-body defence)
     shutdown_delay: float = 5.0  # after SIGTERM: not ready, still serving
     shutdown_grace: float = 30.0  # then: in-flight requests and streams may finish for this long
     reload_interval: float = 2.0  # seconds between config file checks; 0: only on SIGHUP
@@ -443,12 +444,14 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
 
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
-    d = r.mapping(raw, path, {"max_body_bytes", "shutdown_delay", "shutdown_grace", "reload_interval"},
-                  optional=True) or {}
+    d = r.mapping(raw, path, {"max_body_bytes", "body_timeout", "shutdown_delay", "shutdown_grace",
+                              "reload_interval"}, optional=True) or {}
     dflt = ServerConfig()
     return ServerConfig(
         max_body_bytes=r.integer(d.get("max_body_bytes", dflt.max_body_bytes),
                                  f"{path}.max_body_bytes", minimum=1024),
+        body_timeout=r.number(d.get("body_timeout", dflt.body_timeout), f"{path}.body_timeout",
+                              minimum=0, exclusive=True),
         **{n: r.number(d.get(n, getattr(dflt, n)), f"{path}.{n}", minimum=0)
            for n in ("shutdown_delay", "shutdown_grace", "reload_interval")},
     )

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body, send_bytes, send_error
-from .errors import Header, ProxyError, UpstreamStreamError
+from .errors import Header, ProxyError, RequestTimeoutError, UpstreamStreamError
 from .forwarding import Forwarded, Route
 from .gateway import Gateway, Runtime
 from .keys import KeyPolicy
@@ -68,7 +68,7 @@ class ChatCompletions:
         rt = gw.runtime
         policy = await rt.auth.authenticate(header(scope, b"authorization"))
         record.team, record.key_name = policy.team or "", policy.name
-        raw = await read_body(receive, scope, rt.config.server.max_body_bytes)
+        raw = await _read_body(receive, scope, rt)
         content_type = header(scope, b"content-type")
         request = parse_chat_request(raw, content_type.decode("latin-1") if content_type else None)
         record.model, record.stream = request.model, request.stream
@@ -145,6 +145,14 @@ async def _next_chunk(fwd: Forwarded, wait: float) -> bytes:
     except TimeoutError:
         raise UpstreamStreamError("The upstream stopped sending for too long; the stream was ended.",
                          code="upstream_idle_timeout") from None
+
+
+async def _read_body(receive: Receive, scope: Scope, rt: Runtime) -> bytes:
+    try:
+        async with asyncio.timeout(rt.config.server.body_timeout):
+            return await read_body(receive, scope, rt.config.server.max_body_bytes)
+    except TimeoutError:
+        raise RequestTimeoutError("The request body did not arrive in time.") from None
 
 
 def _estimate(request: ChatRequest, rt: Runtime) -> int:

@@ -60,6 +60,11 @@ class RequestTooLargeError(InvalidRequestError):
     code = "request_too_large"
 
 
+class RequestTimeoutError(InvalidRequestError):
+    status = 408
+    code = "request_timeout"
+
+
 class AuthenticationError(ProxyError):
     status = 401
     type = "invalid_request_error"

@@ -1,0 +1,29 @@
+"""Limits that protect the gateway from slow or oversized clients."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from tests.gateway_process import GatewayProcess
+from tests.stub_upstream import StubUpstream
+
+KEY = "sk-limits-test"
+
+
+def test_slow_body_gets_408_in_time(gateway: Callable[..., GatewayProcess], stub: StubUpstream) -> None:
+    gw = gateway(f"""
+upstreams: [{{name: a, base_url: '{stub.url}', models: [m]}}]
+keys: [{{name: t, key: {KEY}}}]
+server: {{body_timeout: 0.5}}
+""")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        started = time.monotonic()
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in answer
+    assert time.monotonic() - started < 2
+    assert stub.chat_requests == []
