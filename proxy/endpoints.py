@@ -15,7 +15,14 @@ from typing import Any
 import orjson
 
 from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body, send_bytes, send_error
-from .errors import Header, ProxyError, RequestTimeoutError, UpstreamStreamError
+from .errors import (
+    AuthenticationError,
+    Header,
+    ProxyError,
+    RateLimitError,
+    RequestTimeoutError,
+    UpstreamStreamError,
+)
 from .forwarding import Forwarded, Route
 from .gateway import Gateway, Runtime
 from .keys import KeyPolicy
@@ -66,7 +73,7 @@ class ChatCompletions:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         gw = self.gateway
         rt = gw.runtime
-        policy = await rt.auth.authenticate(header(scope, b"authorization"))
+        policy = await authenticate(gw, rt, scope)
         record.team, record.key_name = policy.team or "", policy.name
         raw = await _read_body(receive, scope, rt)
         content_type = header(scope, b"content-type")
@@ -147,6 +154,19 @@ async def _next_chunk(fwd: Forwarded, wait: float) -> bytes:
                          code="upstream_idle_timeout") from None
 
 
+async def authenticate(gw: Gateway, rt: Runtime, scope: Scope) -> KeyPolicy:
+    """The caller's policy; repeated failures from one address become 429s."""
+    try:
+        return await rt.auth.authenticate(header(scope, b"authorization"))
+    except AuthenticationError:
+        client = scope.get("client")
+        wait = gw.auth_guard.failed(client[0] if client else "unknown")
+        if wait:
+            raise RateLimitError("Too many failed authentication attempts from this address.",
+                                 code="auth_failures", headers=[(b"retry-after", b"%d" % wait)]) from None
+        raise
+
+
 async def _read_body(receive: Receive, scope: Scope, rt: Runtime) -> bytes:
     try:
         async with asyncio.timeout(rt.config.server.body_timeout):
@@ -218,7 +238,7 @@ class Models:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.gateway.runtime
         try:
-            policy = await rt.auth.authenticate(header(scope, b"authorization"))
+            policy = await authenticate(self.gateway, rt, scope)
         except ProxyError as exc:
             await send_error(send, exc)
             return

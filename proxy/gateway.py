@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .auth_guard import AuthFailureGuard
 from .config import Config
 from .forwarding import AttemptEvents, Forwarder
 from .keys import Authenticator, StaticKeys
@@ -44,6 +45,7 @@ class Gateway:
         self.runtime = self._build(config, None)
         self.forwarder = Forwarder(events, time.monotonic, _budget(config), self.log)
         self.draining = False
+        self.auth_guard = AuthFailureGuard()
         self._retired: set[Transport] = set()
         self._closers: set[asyncio.Task[None]] = set()
 

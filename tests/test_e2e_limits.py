@@ -27,3 +27,24 @@ server: {{body_timeout: 0.5}}
     assert b'"code":"request_timeout"' in answer
     assert time.monotonic() - started < 2
     assert stub.chat_requests == []
+
+
+def test_a_flood_of_bad_keys_is_slowed_but_good_keys_are_not(
+        gateway: Callable[..., GatewayProcess], stub: StubUpstream) -> None:
+    import httpx
+
+    gw = gateway(f"""
+upstreams: [{{name: a, base_url: '{stub.url}', models: [m]}}]
+keys: [{{name: t, key: {KEY}}}]
+""")
+    url = gw.url + "/v1/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=5) as client:
+        statuses = [client.post(url, json=body, headers={"Authorization": f"Bearer sk-guess-{i}"}).status_code
+                    for i in range(40)]
+        assert statuses[:20] == [401] * 20
+        assert set(statuses[20:]) == {429}
+        held = client.post(url, json=body, headers={"Authorization": "Bearer sk-guess-x"})
+        assert int(held.headers["retry-after"]) >= 1
+        good = client.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert good.status_code == 200
