@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy import mock
 
@@ -40,7 +41,7 @@ class Behaviour:
 class Seen:
     path: str
     query: dict[str, str]
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: dict[str, Any]
     sent: bytes = b""
 
@@ -116,14 +117,14 @@ class StubUpstream:
             return self._queue.pop(0) if self._queue else self.default
 
     async def _models(self, request: web.Request) -> web.Response:
-        self.seen.append(Seen(request.path, dict(request.query), dict(request.headers), {}))
+        self.seen.append(Seen(request.path, dict(request.query), CIMultiDict(request.headers), {}))
         if self.models_status != 200:
             return web.Response(status=self.models_status)
         return web.Response(body=mock.models_body(["stub-model"]), content_type="application/json")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        seen = Seen(request.path, dict(request.query), dict(request.headers), body)
+        seen = Seen(request.path, dict(request.query), CIMultiDict(request.headers), body)
         self.seen.append(seen)
         behaviour = self._next()
         with self.lock:

@@ -66,7 +66,8 @@ def test_completion_has_every_field_and_conforms_to_openai_schema(client: openai
     resp = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
     completion = resp.parse()
     assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
-    assert completion.created > 0 and completion.model == "gpt-4o-mini"
+    # The body is the upstream's, untouched: ``model`` is the upstream's own name for it.
+    assert completion.created > 0 and completion.model == "stub-mini"
     assert completion.choices[0].message.role == "assistant" and completion.choices[0].message.content
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.total_tokens == (

@@ -1,0 +1,131 @@
+"""Real redis-server processes for tests: standalone (stop/restart on the same port) and a 3-node Cluster.
+
+Never the shared Redis on 6379: each server gets a free loopback port and an
+empty temporary directory, and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    def __init__(self, port: int | None = None, *extra: str) -> None:
+        self.port = port or free_port()
+        self.extra = extra
+        self.dir = Path(tempfile.mkdtemp(prefix="llmp-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, wait: float = 10.0) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            if _ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on {self.port} within {wait}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> RedisServer:
+        """Stop and start again on the same port (empty: nothing is saved)."""
+        self.stop()
+        for _ in range(100):  # the port can linger for a moment
+            try:
+                return self.start()
+            except RuntimeError:
+                time.sleep(0.05)
+        raise RuntimeError(f"could not restart redis on {self.port}")
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterNodes:
+    """Three masters, no replicas, all 16384 slots assigned."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisServer(None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                  "--cluster-node-timeout", "2000") for _ in range(3)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisClusterNodes:
+        for node in self.nodes:
+            node.start()
+        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            info = subprocess.run([REDIS_CLI, "-p", str(self.nodes[0].port), "cluster", "info"],
+                                  capture_output=True, text=True, timeout=5).stdout
+            if "cluster_state:ok" in info:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the Redis cluster did not become ready")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    cluster = RedisClusterNodes().start()
+    yield cluster
+    cluster.close()

