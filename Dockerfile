@@ -59,9 +59,14 @@ ENV PATH=/opt/llm-proxy/bin:$PATH \
     HOME=/tmp \
     TMPDIR=/tmp
 
+# The runtime needs no installer: drop the base interpreter's pip, setuptools
+# and wheel too (python:3.11-slim ships them; a distribution-managed pip, as
+# in a Debian-based stand-in, is left to the OS).
 RUN groupadd --system --gid 10001 llm-proxy \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
-        --shell /usr/sbin/nologin llm-proxy
+        --shell /usr/sbin/nologin llm-proxy \
+ && (python3 -m pip uninstall --yes --quiet pip setuptools wheel \
+     || echo "the base's pip is managed by the OS: left in place")
 
 COPY --from=builder /opt/llm-proxy /opt/llm-proxy
 COPY config/demo.yaml /etc/llm-proxy/config.yaml

@@ -92,9 +92,14 @@ app.kubernetes.io/component: redis
 {{- default (include "llm-proxy.fullname" .) .Values.gateway.existingConfigMap }}
 {{- end }}
 
-{{/* "true" when the gateway gets a REDIS_URL. */}}
+{{/* "true" when the chart gives the gateway a REDIS_URL. */}}
 {{- define "llm-proxy.redisEnabled" -}}
 {{- if or .Values.redis.url .Values.redis.existingSecret .Values.redis.standalone.enabled }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the gateway may use Redis: the chart's, or a redis_url of the user's own config. */}}
+{{- define "llm-proxy.usesRedis" -}}
+{{- if or (include "llm-proxy.redisEnabled" .) .Values.gateway.existingConfigMap (hasKey (default dict .Values.gateway.config) "redis_url") }}true{{ end }}
 {{- end }}
 
 {{/* The gateway config as YAML, with redis_url / admin_key wired to the environment. */}}
@@ -111,7 +116,20 @@ app.kubernetes.io/component: redis
 {{- $_ := set $cfg "admin_key" "${LLM_PROXY_ADMIN_KEY}" }}
 {{- end }}
 {{- end }}
+{{- /* server.shutdown_grace: what terminationGracePeriodSeconds leaves after the preStop sleep and server.shutdown_delay, less a 5 s margin */}}
+{{- $server := deepCopy (default dict (get $cfg "server")) }}
+{{- if not (hasKey $server "shutdown_grace") }}
+{{- $_ := set $server "shutdown_grace" (include "llm-proxy.drainSeconds" .Values | int) }}
+{{- $_ := set $cfg "server" $server }}
+{{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/* Seconds the gateway may spend finishing requests and streams after SIGTERM (values as context). */}}
+{{- define "llm-proxy.drainSeconds" -}}
+{{- $server := default dict (get (default dict .gateway.config) "server") }}
+{{- $delay := int (ceil (default 5 (get $server "shutdown_delay"))) }}
+{{- sub (sub (sub (int .terminationGracePeriodSeconds) (int .lifecycle.preStopSleepSeconds)) $delay) 5 }}
 {{- end }}
 
 {{/*
@@ -137,14 +155,25 @@ Args: list context secretName key length
 {{/* Checks that a schema cannot express. */}}
 {{- define "llm-proxy.validate" -}}
 {{- $replicas := ternary .Values.autoscaling.maxReplicas .Values.replicaCount .Values.autoscaling.enabled }}
-{{- if and (gt (int $replicas) 1) (not (include "llm-proxy.redisEnabled" .)) }}
+{{- if and (gt (int $replicas) 1) (not (include "llm-proxy.usesRedis" .)) }}
 {{- fail "more than one replica (replicaCount or autoscaling) needs Redis: set redis.url, redis.existingSecret or redis.standalone.enabled — without it each replica keeps its own quotas and issued keys" }}
+{{- end }}
+{{- $redisModes := 0 }}
+{{- range (list .Values.redis.url .Values.redis.existingSecret .Values.redis.standalone.enabled) }}{{ if . }}{{ $redisModes = add1 $redisModes }}{{ end }}{{ end }}
+{{- if gt $redisModes 1 }}
+{{- fail "redis: set only one of redis.url, redis.existingSecret, redis.standalone.enabled" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
-{{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.lifecycle.preStopSleepSeconds) }}
-{{- fail "terminationGracePeriodSeconds must be greater than lifecycle.preStopSleepSeconds (the gateway needs time to drain after the preStop sleep)" }}
+{{- $server := default dict (get (default dict .Values.gateway.config) "server") }}
+{{- if hasKey $server "shutdown_grace" }}
+{{- $total := add (int .Values.lifecycle.preStopSleepSeconds) (int (ceil (default 5 (get $server "shutdown_delay")))) (int (ceil $server.shutdown_grace)) }}
+{{- if ge $total (int .Values.terminationGracePeriodSeconds) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + gateway.config.server.shutdown_delay + shutdown_grace (%d), or Kubernetes kills streams the gateway is still draining" (int .Values.terminationGracePeriodSeconds) $total) }}
+{{- end }}
+{{- else if lt (int (include "llm-proxy.drainSeconds" .Values)) 1 }}
+{{- fail "terminationGracePeriodSeconds leaves no time to drain: raise it above lifecycle.preStopSleepSeconds + gateway.config.server.shutdown_delay (default 5) + 5" }}
 {{- end }}
 {{- with .Values.podDisruptionBudget }}
 {{- if and .enabled (not (include "llm-proxy.isSet" .minAvailable)) (not (include "llm-proxy.isSet" .maxUnavailable)) }}
