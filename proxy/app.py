@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -14,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .config import Config
-from .endpoints import ChatCompletions, Models, Probe
+from .config import Config, TelemetryConfig
+from .endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
 from .errors import MethodNotAllowedError, NotFoundError, ProxyError
 from .gateway import Gateway
 from .health_checks import ActiveChecks
@@ -23,30 +24,29 @@ from .middleware import ErrorMiddleware, RequestIdMiddleware
 from .openapi import openapi_routes
 from .quotas import QuotaService, build_quota_service
 from .reload import ConfigWatcher
+from .telemetry import Telemetry
+
+STATE_EXPORT_INTERVAL = 2.0
 
 
 def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = None,
-               quotas: QuotaService | None = None, logger: logging.Logger | None = None) -> Starlette:
+               quotas: QuotaService | None = None, telemetry: Telemetry | None = None,
+               logger: logging.Logger | None = None) -> Starlette:
     """The ASGI app. With ``config_path``, the file is watched and reloaded on change or SIGHUP."""
     log = logger or logging.getLogger("llm_proxy")
-    gateway = Gateway(config, quotas or build_quota_service(config), logger=log)
-    checks = ActiveChecks(lambda: gateway.runtime.pool, log)
-    watcher = (ConfigWatcher(config_path, gateway.reload, lambda outcome: None, log,
-                             config.server.reload_interval or 3600 * 24)
-               if config_path is not None else None)
+    tel = telemetry or Telemetry.build(TelemetryConfig())
+    gateway = Gateway(config, quotas or build_quota_service(config, tel.metrics, log), tel, logger=log)
+    background = _Background(gateway, log, config_path)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        checks.start()
-        if watcher is not None:
-            watcher.start()
+        background.start()
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.stop()
-            checks.stop()
+            background.stop()
             await gateway.close()
+            tel.tracing.shutdown()
 
     app = Starlette(
         routes=_routes(gateway),
@@ -58,12 +58,45 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     return app
 
 
+class _Background:
+    """The gateway's periodic work: active checks, the config watcher, state export."""
+
+    def __init__(self, gateway: Gateway, log: logging.Logger,
+                 config_path: str | os.PathLike[str] | None) -> None:
+        self.gateway = gateway
+        self.checks = ActiveChecks(lambda: gateway.runtime.pool, log)
+        config = gateway.runtime.config
+        self.watcher = (ConfigWatcher(config_path, gateway.reload, gateway.telemetry.metrics.config_reload,
+                                      log, config.server.reload_interval or 3600 * 24)
+                        if config_path is not None else None)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.checks.start()
+        if self.watcher is not None:
+            self.watcher.start()
+        self._task = asyncio.get_running_loop().create_task(self._export())
+
+    async def _export(self) -> None:
+        while True:
+            self.gateway.export_state()
+            await asyncio.sleep(STATE_EXPORT_INTERVAL)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.checks.stop()
+
+
 def _routes(gateway: Gateway) -> list[BaseRoute]:
     return [
         Route("/v1/chat/completions", ChatCompletions(gateway), methods=["POST"]),
         Route("/v1/models", Models(gateway), methods=["GET"]),
         Route("/healthz", Probe(gateway, readiness=False), methods=["GET"]),
         Route("/readyz", Probe(gateway, readiness=True), methods=["GET"]),
+        Route("/metrics", MetricsEndpoint(gateway), methods=["GET"]),
         *openapi_routes(),
     ]
 

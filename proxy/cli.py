@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="path of the YAML config")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                       help="overrides logging.level in the config")
     serve.set_defaults(func=_serve)
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
@@ -67,18 +68,24 @@ def _check_config(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .accesslog import configure_access_log
     from .app import create_app
+    from .config import telemetry_from_process_env
     from .server import GatewayServer
+    from .telemetry import Telemetry
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = _load(args.config)
     if config is None:
         return 1
+    level = args.log_level or config.logging.level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log = logging.getLogger("llm_proxy")
-    app = create_app(config, config_path=args.config, logger=log)
+    access = configure_access_log("info" if config.logging.access_log else "warning",
+                                  config.logging.access_format)
+    telemetry = Telemetry.build(telemetry_from_process_env(), access)
+    app = create_app(config, config_path=args.config, telemetry=telemetry, logger=log)
     settings = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                              lifespan="on", log_level=args.log_level, access_log=False,
+                              lifespan="on", log_level=level, access_log=False,
                               server_header=False, date_header=False,
                               timeout_graceful_shutdown=int(config.server.shutdown_grace) or None)
     server = GatewayServer(settings, app.state.gateway, config.server.shutdown_delay, log)

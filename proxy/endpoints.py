@@ -29,6 +29,7 @@ from .keys import KeyPolicy
 from .mock import models_body
 from .schema import ChatRequest, parse_chat_request
 from .streaming import SseRelay, error_event
+from .tracing import RequestSpan
 
 _JSON = b"application/json"
 _SSE_HEADERS: tuple[Header, ...] = (
@@ -40,10 +41,10 @@ _SSE_HEADERS: tuple[Header, ...] = (
 
 @dataclass(slots=True)
 class RequestRecord:
-    """What one request did; read by metrics and the access log at its end."""
+    """What one request did; read by metrics, the span and the access log at its end."""
 
     started: float
-    model: str = "unknown"
+    model: str = "unknown"  # a configured model name only: it becomes a metric label
     upstream: str = ""
     team: str = ""
     key_name: str = ""
@@ -53,6 +54,8 @@ class RequestRecord:
     completion_tokens: int = 0
     ttfb: float | None = None
     attempts: int = 0
+    upstream_time: float = 0.0  # spent waiting on upstreams (the rest is the gateway's own)
+    error_code: str | None = None
     headers: list[Header] = field(default_factory=list)
 
 
@@ -61,16 +64,24 @@ class ChatCompletions:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tel = self.gateway.telemetry
         record = RequestRecord(started=time.perf_counter())
-        try:
-            await self._handle(scope, receive, send, record)
-        except ProxyError as exc:
-            record.status = exc.status
-            await send_error(send, exc, record.headers)
-        except ClientGone:
-            record.status = 499
+        tel.metrics.request_started()
+        with tel.tracing.server_span("POST /v1/chat/completions", scope["headers"]) as span:
+            try:
+                await self._handle(scope, receive, send, record, span)
+            except ProxyError as exc:
+                record.status, record.error_code = exc.status, exc.code
+                if isinstance(exc, RateLimitError) and exc.limit:
+                    tel.metrics.quota_rejected(exc.limit, record.team, record.key_name)
+                await send_error(send, exc, record.headers)
+            except ClientGone:
+                record.status, record.error_code = 499, "client_closed_request"
+            finally:
+                _observe(self.gateway, scope, record, span)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord,
+                      span: RequestSpan) -> None:
         gw = self.gateway
         rt = gw.runtime
         policy = await authenticate(gw, rt, scope)
@@ -78,13 +89,17 @@ class ChatCompletions:
         raw = await _read_body(receive, scope, rt)
         content_type = header(scope, b"content-type")
         request = parse_chat_request(raw, content_type.decode("latin-1") if content_type else None)
-        record.model, record.stream = request.model, request.stream
+        record.stream = request.stream
         policy.check_model(request.model)
         route = _route(rt, policy, request.model)
+        record.model = request.model
+        span.request(model=request.model, stream=request.stream, team=record.team,
+                     key_name=record.key_name, max_tokens=request.max_tokens)
         reservation = await gw.quotas.reserve(policy, _estimate(request, rt))
         record.headers.extend(reservation.headers)
         watch = DisconnectWatch()
         forwarded: Forwarded | None = None
+        forward_started = time.perf_counter()
         try:
             async with watch.watching(receive):
                 forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
@@ -96,6 +111,7 @@ class ChatCompletions:
                 else:
                     await self._relay_body(send, request, forwarded, record, watch)
         finally:
+            record.upstream_time = time.perf_counter() - forward_started
             if forwarded is not None:
                 forwarded.finish(ok=record.status < 500 and record.status != 499, now=time.monotonic())
             await reservation.settle(record.prompt_tokens + record.completion_tokens)
@@ -154,11 +170,35 @@ async def _next_chunk(fwd: Forwarded, wait: float) -> bytes:
                          code="upstream_idle_timeout") from None
 
 
+def _observe(gw: Gateway, scope: Scope, record: RequestRecord, span: RequestSpan) -> None:
+    duration = time.perf_counter() - record.started
+    tel = gw.telemetry
+    tel.metrics.request_finished(
+        model=record.model, upstream=record.upstream, team=record.team, key_name=record.key_name,
+        status=record.status, duration=duration, ttft=record.ttfb,
+        overhead=max(0.0, duration - record.upstream_time), prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens, stream=record.stream)
+    span.response(status=record.status, upstream=record.upstream, input_tokens=record.prompt_tokens,
+                  output_tokens=record.completion_tokens, attempts=record.attempts)
+    tel.access.write({
+        "request_id": scope.get("state", {}).get("request_id"), "trace_id": span.trace_id or None,
+        "method": "POST", "path": "/v1/chat/completions", "status": record.status,
+        "team": record.team, "key_name": record.key_name, "model": record.model,
+        "upstream": record.upstream, "stream": record.stream, "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens, "attempts": record.attempts,
+        "duration_ms": round(duration * 1000, 2),
+        "ttft_ms": round(record.ttfb * 1000, 2) if record.ttfb is not None else None,
+        "overhead_ms": round(max(0.0, duration - record.upstream_time) * 1000, 3),
+        "error_code": record.error_code,
+    })
+
+
 async def authenticate(gw: Gateway, rt: Runtime, scope: Scope) -> KeyPolicy:
     """The caller's policy; repeated failures from one address become 429s."""
     try:
         return await rt.auth.authenticate(header(scope, b"authorization"))
-    except AuthenticationError:
+    except AuthenticationError as exc:
+        gw.telemetry.metrics.auth_failure(exc.code or "invalid_api_key")
         client = scope.get("client")
         wait = gw.auth_guard.failed(client[0] if client else "unknown")
         if wait:
@@ -261,3 +301,15 @@ class Probe:
         ok = all(checks.values())
         body = orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks})
         await send_bytes(send, 200 if ok else 503, body, _JSON)
+
+
+class MetricsEndpoint:
+    """``/metrics`` in the Prometheus text format (multiprocess-aware)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.gateway.export_state()
+        body, content_type = self.gateway.telemetry.metrics.render()
+        await send_bytes(send, 200, body, content_type.encode())

@@ -105,12 +105,14 @@ class RateLimitError(ProxyError):
         message: str,
         *,
         limit_type: str = "requests",
+        limit: str = "",
         param: str | None = None,
         code: str | None = None,
         headers: Sequence[Header] = (),
     ) -> None:
         super().__init__(message, param=param, code=code, headers=headers)
         self.type = limit_type
+        self.limit = limit  # which limit denied: rpm, tpm, concurrency, tokens_per_day, ...
 
 
 class UpstreamError(ProxyError):

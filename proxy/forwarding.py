@@ -30,6 +30,7 @@ from .pool import Candidate, Pool
 from .retry_after import cooldown_seconds
 from .retry_budget import RetryBudget
 from .schema import ChatRequest
+from .tracing import Tracing
 from .transport import UpstreamResponse
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -64,6 +65,7 @@ class _AttemptFailed(Exception):
         super().__init__(error.message)
         self.outcome = outcome
         self.error = error
+        self.status: int | None = None
 
 
 @dataclass
@@ -104,8 +106,10 @@ class Forwarder:
     def __init__(self, events: AttemptEvents | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  budget: RetryBudget | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 tracing: Tracing | None = None) -> None:
         self._log = logger or logging.getLogger("llm_proxy")
+        self._tracing = tracing or Tracing(None)
         self._events = events or NoEvents()
         self._clock = clock
         self.budget = budget
@@ -147,7 +151,7 @@ class Forwarder:
             attempts += 1
             state.attempts += 1
             try:
-                result = await self._attempt(candidate, request, deadline, extra_headers)
+                result = await self._attempt(candidate, request, deadline, extra_headers, state.attempts)
             except _AttemptFailed as failed:
                 state.last, state.failed_upstream = failed.error, candidate.upstream.name
                 continue
@@ -179,7 +183,22 @@ class Forwarder:
         return True
 
     async def _attempt(self, candidate: Candidate, request: ChatRequest, deadline: float,
-                       extra_headers: dict[str, str]) -> Forwarded:
+                       extra_headers: dict[str, str], number: int) -> Forwarded:
+        up = candidate.upstream
+        with self._tracing.attempt_span(upstream=up.name, provider=up.config.provider, model=request.model,
+                                        upstream_model=candidate.model, attempt=number) as span:
+            headers = {**_BASE_HEADERS, **providers.auth_headers(up.config), **extra_headers}
+            span.inject(headers)
+            try:
+                result = await self._send(candidate, request, deadline, headers)
+            except _AttemptFailed as failed:
+                span.result(failed.outcome, failed.status)
+                raise
+            span.result("ok" if result.response.status < 400 else "4xx", result.response.status)
+            return result
+
+    async def _send(self, candidate: Candidate, request: ChatRequest, deadline: float,
+                    headers: dict[str, str]) -> Forwarded:
         up = candidate.upstream
         cfg = up.config
         started = self._clock()
@@ -190,10 +209,8 @@ class Forwarder:
         response: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(limit):
-                response = await up.transport.post(
-                    providers.chat_url(cfg, candidate.model),
-                    {**_BASE_HEADERS, **providers.auth_headers(cfg), **extra_headers},
-                    _payload(request, candidate.model))
+                response = await up.transport.post(providers.chat_url(cfg, candidate.model), headers,
+                                                   _payload(request, candidate.model))
                 self._check_status(candidate, response)
                 relayed_error = response.status >= 400
                 if request.stream and not relayed_error:
@@ -210,6 +227,7 @@ class Forwarder:
             self._fail(candidate, response, "connect_error", started, health=True)
             raise _AttemptFailed("connect_error", exc) from None
         except _AttemptFailed as failed:
+            failed.status = response.status if response is not None else None
             self._fail(candidate, response, failed.outcome, started, health=failed.outcome != "429")
             raise
         ttfb = self._clock() - started

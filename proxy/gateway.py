@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from .auth_guard import AuthFailureGuard
 from .config import Config
-from .forwarding import AttemptEvents, Forwarder
+from .forwarding import Forwarder
 from .keys import Authenticator, StaticKeys
 from .pool import Pool, make_selector
 from .quotas import QuotaService
 from .retry_budget import RetryBudget
+from .telemetry import Pricing, Telemetry
 from .transport import Transport
 
 # Changing these needs a restart: they shape objects built once at start-up.
@@ -35,15 +36,18 @@ class Runtime:
 
 
 class Gateway:
-    def __init__(self, config: Config, quotas: QuotaService,
+    def __init__(self, config: Config, quotas: QuotaService, telemetry: Telemetry,
                  make_auth: Callable[[StaticKeys], Authenticator] = Authenticator,
-                 events: AttemptEvents | None = None,
                  logger: logging.Logger | None = None) -> None:
         self.quotas = quotas
+        self.telemetry = telemetry
         self.log = logger or logging.getLogger("llm_proxy")
         self._make_auth = make_auth
         self.runtime = self._build(config, None)
-        self.forwarder = Forwarder(events, time.monotonic, _budget(config), self.log)
+        self.forwarder = Forwarder(telemetry.events(), time.monotonic, _budget(config), self.log,
+                                   telemetry.tracing)
+        telemetry.metrics.use_pricing(Pricing(config.pricing))
+        telemetry.metrics.configured(config_upstreams(config), config.public_models())
         self.draining = False
         self.auth_guard = AuthFailureGuard()
         self._retired: set[Transport] = set()
@@ -62,6 +66,8 @@ class Gateway:
             if getattr(old.config, name) != getattr(config, name):
                 self.log.warning("config reload: '%s' changed; it takes effect at the next restart", name)
         self.runtime = self._build(config, old)
+        self.telemetry.metrics.use_pricing(Pricing(config.pricing))
+        self.telemetry.metrics.configured(config_upstreams(config), config.public_models())
         if old.config.routing != config.routing:
             self.forwarder.budget = _budget(config)
         retired = [u.transport for u in old.pool.retired_by(self.runtime.pool)]
@@ -79,6 +85,12 @@ class Gateway:
         for transport in transports:
             self._retired.discard(transport)
             await transport.close()
+
+    def export_state(self) -> None:
+        """Upstream health into the metrics; states also change with time, so this runs periodically."""
+        now = time.monotonic()
+        for up in self.runtime.pool.upstreams.values():
+            self.telemetry.metrics.upstream_state(up.name, up.health.state(now))
 
     def ready(self) -> dict[str, bool]:
         return {
@@ -99,3 +111,7 @@ class Gateway:
 
 def _budget(config: Config) -> RetryBudget:
     return RetryBudget(config.routing.retry_budget, config.routing.min_retries_per_second)
+
+
+def config_upstreams(config: Config) -> list[str]:
+    return [u.name for u in config.upstreams]
