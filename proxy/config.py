@@ -153,6 +153,13 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    access_log: bool = True  # one line per request
+    access_format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: tuple[UpstreamConfig, ...]
     routing: RoutingConfig = RoutingConfig()
@@ -162,6 +169,8 @@ class Config:
     server: ServerConfig = ServerConfig()
     health: HealthConfig = HealthConfig()
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
+    pricing: Mapping[str, ModelPrice] = field(default_factory=lambda: MappingProxyType({}))
+    logging: LoggingConfig = LoggingConfig()
     redis_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
 
@@ -200,7 +209,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
 
 def _config(r: Reader, raw: Any) -> Config | None:
     d = r.mapping(raw, "", {"upstreams", "routing", "keys", "teams", "quotas", "server", "health",
-                            "models", "redis_url", "admin_key"})
+                            "models", "pricing", "logging", "redis_url", "admin_key"})
     if d is None:
         return None
     upstreams = _each(r, d.get("upstreams"), "upstreams", _upstream, required=True)
@@ -220,6 +229,8 @@ def _config(r: Reader, raw: Any) -> Config | None:
         server=_server(r, d.get("server"), "server"),
         health=_health(r, d.get("health"), "health"),
         models=_model_settings(r, d.get("models"), "models", {m for u in upstreams for m in u.models}),
+        pricing=_pricing(r, d.get("pricing"), "pricing"),
+        logging=_logging(r, d.get("logging"), "logging"),
         redis_url=r.string(d.get("redis_url"), "redis_url", empty_is_none=True),
         admin_key=r.string(d.get("admin_key"), "admin_key", empty_is_none=True),
     )
@@ -352,6 +363,29 @@ def _model_settings(r: Reader, raw: Any, path: str, known: set[str]) -> Mapping[
     return MappingProxyType(out)
 
 
+def _pricing(r: Reader, raw: Any, path: str) -> Mapping[str, ModelPrice]:
+    d = r.mapping(raw, path, set(raw) if isinstance(raw, dict) else set(), optional=True) or {}
+    out: dict[str, ModelPrice] = {}
+    for model, price in d.items():
+        p = r.mapping(price, f"{path}.{model}", {"input", "output"}) or {}
+        out[str(model)] = ModelPrice(
+            input=r.number(p.get("input", 0), f"{path}.{model}.input", minimum=0),
+            output=r.number(p.get("output", 0), f"{path}.{model}.output", minimum=0))
+    return MappingProxyType(out)
+
+
+def _logging(r: Reader, raw: Any, path: str) -> LoggingConfig:
+    d = r.mapping(raw, path, {"level", "access_log", "access_format"}, optional=True) or {}
+    dflt = LoggingConfig()
+    return LoggingConfig(
+        level=r.choice(d.get("level", dflt.level), f"{path}.level",
+                       ("debug", "info", "warning", "error")) or dflt.level,
+        access_log=r.boolean(d.get("access_log", dflt.access_log), f"{path}.access_log"),
+        access_format=r.choice(d.get("access_format", dflt.access_format), f"{path}.access_format",
+                               ("json", "text")) or dflt.access_format,
+    )
+
+
 def _routing(r: Reader, raw: Any, path: str) -> RoutingConfig:
     d = r.mapping(raw, path, {"strategy", "max_attempts", "deadline", "retry_budget",
                               "min_retries_per_second", "wait_for_cooldown"}, optional=True) or {}
@@ -459,3 +493,50 @@ def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+# --- Telemetry (what the environment says about metrics and tracing) --------
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """Estimated price of one model, in USD per million tokens."""
+
+    input: float
+    output: float
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Only whether things are set; the OTel SDK reads the other ``OTEL_*`` itself."""
+
+    otlp_endpoint: str | None = None  # the traces endpoint, or the general one
+    sdk_disabled: bool = False
+    multiprocess_dir: str | None = None  # set for ``uvicorn --workers N``
+    traces_exporter: str = "otlp"  # OTEL_TRACES_EXPORTER; "none" turns tracing off
+
+    @property
+    def tracing(self) -> bool:
+        return self.otlp_endpoint is not None and not self.sdk_disabled and self.traces_exporter != "none"
+
+
+def telemetry_from_process_env() -> TelemetryConfig:
+    return telemetry_from_env(os.environ)
+
+
+def telemetry_from_env(environ: Mapping[str, str]) -> TelemetryConfig:
+    endpoint = (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    return TelemetryConfig(otlp_endpoint=endpoint, sdk_disabled=disabled,
+                           multiprocess_dir=environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+                           traces_exporter=environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+                           or "otlp")
+
+
+ADMIN_KEY_ENV = "LLM_PROXY_ADMIN_KEY"
+
+
+def admin_key_from_env() -> str | None:
+    """The admin key for the CLI's admin commands, if the environment has one."""
+    return os.environ.get(ADMIN_KEY_ENV) or None
