@@ -15,11 +15,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .admin import AdminContext, admin_routes
 from .config import Config, TelemetryConfig
 from .endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
 from .errors import MethodNotAllowedError, NotFoundError, ProxyError
 from .gateway import Gateway
 from .health_checks import ActiveChecks
+from .issued_keys import build_issued_keys
+from .keys import Authenticator
 from .middleware import ErrorMiddleware, RequestIdMiddleware
 from .openapi import openapi_routes
 from .quotas import QuotaService, build_quota_service
@@ -35,21 +38,26 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     """The ASGI app. With ``config_path``, the file is watched and reloaded on change or SIGHUP."""
     log = logger or logging.getLogger("llm_proxy")
     tel = telemetry or Telemetry.build(TelemetryConfig())
-    gateway = Gateway(config, quotas or build_quota_service(config, tel.metrics, log), tel, logger=log)
+    issued = build_issued_keys(config, logger=log)
+    gateway = Gateway(config, quotas or build_quota_service(config, tel.metrics, log), tel,
+                      make_auth=lambda static: Authenticator(static, issued), logger=log)
     background = _Background(gateway, log, config_path)
+    admin = AdminContext(config=lambda: gateway.runtime.config, quotas=gateway.quotas, keys=issued)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await issued.start()
         background.start()
         try:
             yield
         finally:
             background.stop()
+            await issued.close()
             await gateway.close()
             tel.tracing.shutdown()
 
     app = Starlette(
-        routes=_routes(gateway),
+        routes=[*_routes(gateway), *admin_routes(admin)],
         middleware=[Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware, logger=log)],
         exception_handlers={HTTPException: _http_error, ProxyError: _proxy_error},
         lifespan=lifespan,

@@ -39,10 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _register_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    try:
-        from . import cli_admin
-    except ImportError:  # the admin commands ship with the quota store
-        return
+    from . import cli_admin
+
     cli_admin.register(sub)
 
 

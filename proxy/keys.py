@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from fnmatch import fnmatchcase
+from typing import Protocol
 
-from .config import Config, KeyConfig, Limits, utc_now
+from .config import Config, KeyConfig, Limits, TeamConfig, utc_now
 from .errors import AuthenticationError, PermissionDeniedError
 
 
@@ -33,6 +34,7 @@ class KeyPolicy:
     limits: Limits
     expires_at: datetime | None = None
     team_models: tuple[str, ...] | None = None
+    team_limits: Limits | None = None  # None: no team limits apply
 
     def allows(self, model: str) -> bool:
         return _matches(self.models, model) and _matches(self.team_models, model)
@@ -68,6 +70,7 @@ class StaticKeys:
 
     def __init__(self, config: Config) -> None:
         self._by_digest = {k.key_sha256: (k.key_sha256, _policy(k, config)) for k in config.keys}
+        self._teams = {t.name: t for t in config.teams}
 
     def find(self, digest: str) -> KeyPolicy | None:
         # The lookup is by the digest of a secret, whose bits a caller cannot steer;
@@ -81,6 +84,9 @@ class StaticKeys:
     def policies(self) -> Iterable[KeyPolicy]:
         return (policy for _, policy in self._by_digest.values())
 
+    def team(self, name: str) -> TeamConfig | None:
+        return self._teams.get(name)
+
 
 def _policy(key: KeyConfig, config: Config) -> KeyPolicy:
     team = config.team(key.team)
@@ -92,20 +98,47 @@ def _policy(key: KeyConfig, config: Config) -> KeyPolicy:
         limits=key.limits,
         expires_at=key.expires_at,
         team_models=team.models if team else None,
+        team_limits=team.limits if team else None,
     )
 
 
-class Authenticator:
-    """Presented key → policy, or a 401."""
+class IssuedKeySource(Protocol):
+    """Keys issued through the admin API, and teams set there (``issued_keys.IssuedKeys``)."""
 
-    def __init__(self, static: StaticKeys) -> None:
+    def find(self, digest: str) -> KeyPolicy | None: ...
+
+    def team(self, name: str) -> TeamConfig | None: ...
+
+
+class Authenticator:
+    """Presented key → policy, or a 401.
+
+    Static keys first, then issued keys; both are in-memory lookups, so
+    authenticating never waits for a store. A team set through the admin API
+    overrides the config's team of the same name.
+    """
+
+    def __init__(self, static: StaticKeys, issued: IssuedKeySource | None = None) -> None:
         self._static = static
+        self._issued = issued
 
     async def authenticate(self, authorization: bytes | None) -> KeyPolicy:
         digest = hash_key(bearer_token(authorization))
         policy = self._static.find(digest)
+        if policy is None and self._issued is not None:
+            policy = self._issued.find(digest)
         if policy is None:
             raise AuthenticationError("Incorrect API key provided.")
         if policy.expired():
             raise AuthenticationError("The API key provided has expired.", code="expired_api_key")
-        return policy
+        return self._with_team(policy)
+
+    def _with_team(self, policy: KeyPolicy) -> KeyPolicy:
+        if policy.team is None:
+            return policy
+        team = (self._issued.team(policy.team) if self._issued is not None else None) \
+            or self._static.team(policy.team)
+        models, limits = (team.models, team.limits) if team is not None else (None, None)
+        if policy.team_models == models and policy.team_limits == limits:
+            return policy
+        return replace(policy, team_models=models, team_limits=limits)

@@ -1,0 +1,181 @@
+-- Check every limit of one request and, only if all have room, charge them all.
+-- The rules are those of proxy/store.py (MemoryQuotaStore); keep the two alike.
+--
+-- KEYS[i]  the counter of check i (all share one hash tag, so one Cluster slot)
+-- ARGV     mode ("reserve" | "peek"), lease id, estimate, lease ttl (ms),
+--          then kind_i, limit_i for each check
+-- Returns  {admitted, denied (1-based, 0 if none), retry_ms,
+--           then used_i, remaining_i, reset_ms_i, window_i for each check}
+--
+-- Redis's clock, not the replicas', so replicas with skewed clocks agree.
+
+local WINDOW, BUCKET, BUCKETS, DAY = 60000, 1000, 60, 86400000
+local UNKNOWN_RETRY = 1000
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mode, lease = ARGV[1], ARGV[2]
+local estimate, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local writing = mode == 'reserve'
+
+-- Days since 1970-01-01 <-> civil dates (H. Hinnant's algorithms), for UTC months.
+local function civil(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local function first_day(y, m)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + math.floor((153 * mp + 2) / 5)
+  return era * 146097 + doe - 719468
+end
+
+local function calendar(kind)
+  if kind == 'day' then
+    local day = math.floor(now / DAY)
+    return day, (day + 1) * DAY
+  end
+  local y, m = civil(math.floor(now / DAY))
+  local index = y * 12 + m - 1
+  local ny, nm = math.floor((index + 1) / 12), (index + 1) % 12 + 1
+  return index, first_day(ny, nm) * DAY
+end
+
+-- Buckets of a tpm hash still counted, oldest first; stale ones are dropped when writing.
+local function counted(key)
+  local oldest = math.floor(now / BUCKET) - BUCKETS
+  local raw = redis.call('HGETALL', key)
+  local list = {}
+  for i = 1, #raw, 2 do
+    local b = tonumber(raw[i])
+    if b >= oldest then
+      list[#list + 1] = {b, tonumber(raw[i + 1])}
+    elseif writing then
+      redis.call('HDEL', key, raw[i])
+    end
+  end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  return list
+end
+
+-- used, reset_ms, retry_ms (if it had no room) of one check
+local function state(key, kind, limit)
+  if kind == 'rpm' then
+    local low = '(' .. (now - WINDOW)
+    if writing then redis.call('ZREMRANGEBYSCORE', key, '-inf', now - WINDOW) end
+    local used = redis.call('ZCOUNT', key, low, '+inf')
+    local first = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local reset = first[2] and tonumber(first[2]) + WINDOW - now or 0
+    local retry = WINDOW
+    if used >= limit and used - limit < used then
+      local e = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', used - limit, 1)
+      retry = tonumber(e[2]) + WINDOW - now
+    end
+    return used, reset, retry
+  elseif kind == 'tpm' then
+    local list = counted(key)
+    local used, reset = 0, 0
+    for _, e in ipairs(list) do
+      used = used + e[2]
+      if reset == 0 and e[2] > 0 then reset = (e[1] + BUCKETS + 1) * BUCKET - now end
+    end
+    local retry, left = WINDOW, used
+    for _, e in ipairs(list) do
+      left = left - e[2]
+      if left < limit then
+        retry = (e[1] + BUCKETS + 1) * BUCKET - now
+        break
+      end
+    end
+    return used, reset, retry
+  elseif kind == 'concurrency' then
+    if writing then redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
+    return redis.call('ZCOUNT', key, '(' .. now, '+inf'), 0, UNKNOWN_RETRY
+  end
+  local index, ends = calendar(kind)
+  local stored = redis.call('HMGET', key, 'w', 'n')
+  local used = tonumber(stored[1]) == index and tonumber(stored[2]) or 0
+  return used, ends - now, ends - now
+end
+
+-- charge one check; returns where the estimate went (for settle)
+local function charge(key, kind)
+  if kind == 'rpm' then
+    redis.call('ZADD', key, now, lease)
+    redis.call('PEXPIRE', key, WINDOW + BUCKET)
+    return 0
+  elseif kind == 'tpm' then
+    local bucket = math.floor(now / BUCKET)
+    redis.call('HINCRBY', key, bucket, estimate)
+    redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET)
+    return bucket
+  elseif kind == 'concurrency' then
+    redis.call('ZADD', key, now + ttl, lease)
+    redis.call('PEXPIRE', key, ttl)
+    return 0
+  end
+  local index, ends = calendar(kind)
+  if tonumber(redis.call('HGET', key, 'w')) == index then
+    redis.call('HINCRBY', key, 'n', estimate)
+  else
+    redis.call('HSET', key, 'w', index, 'n', estimate)
+  end
+  redis.call('PEXPIREAT', key, ends)
+  return index
+end
+
+local n = #KEYS
+local used, reset = {}, {}
+local denied, retry = 0, 0
+for i = 1, n do
+  local kind, limit = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+  local u, r, wait = state(KEYS[i], kind, limit)
+  used[i], reset[i] = u, r
+  if u >= limit and (denied == 0 or wait > retry) then
+    denied, retry = i, wait
+  end
+end
+
+local out = {0, denied, 0}
+if denied > 0 or not writing then
+  out[3] = math.max(retry, 1)
+  for i = 1, n do
+    local limit = tonumber(ARGV[4 + 2 * i])
+    out[#out + 1] = used[i]
+    out[#out + 1] = math.max(limit - used[i], 0)
+    out[#out + 1] = math.max(reset[i], 0)
+    out[#out + 1] = 0
+  end
+  return out
+end
+
+out[1] = 1
+for i = 1, n do
+  local kind, limit = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+  local window = charge(KEYS[i], kind)
+  local u, r = used[i], reset[i]
+  if kind == 'rpm' or kind == 'concurrency' then
+    u = u + 1
+    if kind == 'rpm' and r == 0 then r = WINDOW end
+  else
+    u = u + estimate
+    if kind == 'tpm' and r == 0 and estimate > 0 then r = (window + BUCKETS + 1) * BUCKET - now end
+  end
+  out[#out + 1] = u
+  out[#out + 1] = math.max(limit - u, 0)
+  out[#out + 1] = math.max(r, 0)
+  out[#out + 1] = window
+end
+return out

@@ -1,0 +1,261 @@
+"""Quotas: reserve a request's estimate against every limit of its key and team, then settle.
+
+``QuotaService.reserve`` makes one store call that checks and charges all the
+limits at once (see ``store.py`` for their exact rules); ``Reservation.settle``
+makes one more that replaces the estimate with the actual usage and releases
+the concurrency lease. A policy without limits costs no store call at all.
+
+When the store fails, ``quotas.on_store_error`` decides: ``fail_closed``
+answers 503, ``fail_open`` admits without counting. While the store is
+failing, one request at a time probes it and the others do not wait, so an
+outage slows nothing down and the first success puts the store back in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from .config import Config, Limits, QuotasConfig
+from .errors import Header, RateLimitError, ServiceUnavailableError
+from .keys import KeyPolicy
+from .store import Admission, Check, CheckState, Kind, MemoryQuotaStore, Plan, QuotaStore
+from .store_redis import RedisQuotaStore, connect
+
+T = TypeVar("T")
+_FIELDS: tuple[tuple[str, Kind], ...] = (
+    ("rpm", "rpm"), ("tpm", "tpm"), ("concurrency", "concurrency"),
+    ("tokens_per_day", "day"), ("tokens_per_month", "month"),
+)
+_TOKEN_KINDS = ("tpm", "day", "month")
+_DESCRIPTIONS: dict[Kind, str] = {
+    "rpm": "requests per min (RPM)", "tpm": "tokens per min (TPM)",
+    "concurrency": "concurrent requests", "day": "tokens per day", "month": "tokens per month",
+}
+LIMIT_NAMES: dict[Kind, str] = {kind: name for name, kind in _FIELDS}
+
+
+class StoreEvents(Protocol):
+    def store_error(self, operation: str) -> None: ...
+
+    def store_latency(self, operation: str, seconds: float) -> None: ...
+
+
+class _NoEvents:
+    def store_error(self, operation: str) -> None:
+        return None
+
+    def store_latency(self, operation: str, seconds: float) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One limit's standing, for the admin API."""
+
+    scope: str  # "key" | "team"
+    limit: str  # the config name: rpm, tpm, concurrency, tokens_per_day, tokens_per_month
+    value: int
+    used: int
+    remaining: int
+    reset_seconds: float
+
+
+class Reservation:
+    """What ``reserve`` admitted; ``settle`` once when the request is over (later calls do nothing)."""
+
+    __slots__ = ("_settle", "headers")
+
+    def __init__(self, headers: tuple[Header, ...] = (),
+                 settle: Callable[[int], Awaitable[None]] | None = None) -> None:
+        self.headers = headers
+        self._settle = settle
+
+    async def settle(self, used_tokens: int) -> None:
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            # Shielded: a cancelled request must still give its lease back.
+            await asyncio.shield(settle(max(0, used_tokens)))
+
+
+def plan_for(policy: KeyPolicy, *, team: bool = True) -> Plan | None:
+    """The checks that apply to a key (and, with ``team``, to its team); None when there are none."""
+    checks = _checks("k:" + policy.id, policy.limits)
+    if team and policy.team is not None and policy.team_limits is not None:
+        checks += _checks("t:" + policy.team, policy.team_limits)
+    return Plan(_shard(policy.team, policy.id), tuple(checks)) if checks else None
+
+
+def team_plan(name: str, limits: Limits) -> Plan | None:
+    checks = _checks("t:" + name, limits)
+    return Plan(_shard(name, ""), tuple(checks)) if checks else None
+
+
+def _shard(team: str | None, key_id: str) -> str:
+    # Tagged by team so a key's counters and its team's share one Redis Cluster slot.
+    return f"t:{team}" if team is not None else f"k:{key_id}"
+
+
+def _checks(subject: str, limits: Limits) -> list[Check]:
+    return [Check(subject, kind, value) for name, kind in _FIELDS
+            if (value := getattr(limits, name)) is not None]
+
+
+class QuotaService:
+    def __init__(self, store: QuotaStore, settings: QuotasConfig, events: StoreEvents | None = None,
+                 logger: logging.Logger | None = None) -> None:
+        self._store = store
+        self._settings = settings
+        self._events: StoreEvents = events or _NoEvents()
+        self._log = logger or logging.getLogger("llm_proxy.quotas")
+        self._healthy = True
+        self._probing = False
+
+    async def reserve(self, policy: KeyPolicy, estimate_tokens: int) -> Reservation:
+        plan = plan_for(policy)
+        if plan is None:
+            return Reservation()
+        lease = secrets.token_hex(8)
+        estimate = max(0, estimate_tokens)
+        try:
+            admission = await self._call("reserve", lambda: self._store.reserve(
+                plan, lease, estimate, int(self._settings.lease_ttl * 1000)), probe=True)
+        except ServiceUnavailableError:
+            if self._settings.on_store_error == "fail_open":
+                return Reservation()
+            raise
+        headers = rate_headers(plan, admission.states)
+        if not admission.admitted:
+            raise denial(policy, plan, admission, headers, estimate)
+
+        async def settle(used: int) -> None:
+            await self._settle(plan, lease, admission.windows, used - estimate)
+
+        return Reservation(headers, settle)
+
+    async def _settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
+        try:
+            await self._call("settle", lambda: self._store.settle(plan, lease, windows, delta), probe=False)
+        except ServiceUnavailableError as exc:
+            # The lease expires by itself (lease_ttl) and the estimate stays charged.
+            self._log.warning("quota settle failed: %s", exc.message)
+
+    async def key_usage(self, policy: KeyPolicy) -> list[Usage]:
+        """The key's own limits (not its team's), read without charging anything."""
+        return await self._usage(plan_for(policy, team=False), "key")
+
+    async def team_usage(self, name: str, limits: Limits) -> list[Usage]:
+        return await self._usage(team_plan(name, limits), "team")
+
+    async def _usage(self, plan: Plan | None, scope: str) -> list[Usage]:
+        if plan is None:
+            return []
+        states = await self._call("usage", lambda: self._store.usage(plan), probe=True)
+        return [Usage(scope, LIMIT_NAMES[c.kind], c.limit, s.used, s.remaining, s.reset_ms / 1000)
+                for c, s in zip(plan.checks, states, strict=True)]
+
+    async def _call(self, operation: str, make: Callable[[], Awaitable[T]], *, probe: bool) -> T:
+        owns_probe = False
+        if probe and not self._healthy:
+            if self._probing:
+                self._events.store_error(operation)
+                raise ServiceUnavailableError("The quota store is unavailable.",
+                                              code="quota_store_unavailable")
+            self._probing = owns_probe = True
+        started = time.perf_counter()
+        try:
+            result = await make()
+        except ServiceUnavailableError:
+            self._healthy = False
+            self._events.store_error(operation)
+            raise
+        finally:
+            if owns_probe:
+                self._probing = False
+        self._healthy = True
+        self._events.store_latency(operation, time.perf_counter() - started)
+        return result
+
+    def ready(self) -> bool:
+        return self._healthy or self._settings.on_store_error == "fail_open"
+
+    def store_healthy(self) -> bool:
+        return self._healthy
+
+    async def close(self) -> None:
+        await self._store.close()
+
+
+def rate_headers(plan: Plan, states: tuple[CheckState, ...]) -> tuple[Header, ...]:
+    """OpenAI's x-ratelimit-* headers from the tightest rpm and the tightest token limit."""
+    pairs = list(zip(plan.checks, states, strict=True))
+    headers: list[Header] = []
+    for suffix, kinds in (("requests", ("rpm",)), ("tokens", _TOKEN_KINDS)):
+        relevant = [(c, s) for c, s in pairs if c.kind in kinds]
+        if relevant:
+            check, state = min(relevant, key=lambda cs: cs[1].remaining)
+            headers += [
+                (f"x-ratelimit-limit-{suffix}".encode(), str(check.limit).encode()),
+                (f"x-ratelimit-remaining-{suffix}".encode(), str(state.remaining).encode()),
+                (f"x-ratelimit-reset-{suffix}".encode(), duration(state.reset_ms).encode()),
+            ]
+    return tuple(headers)
+
+
+def denial(policy: KeyPolicy, plan: Plan, admission: Admission, headers: tuple[Header, ...],
+           estimate: int) -> RateLimitError:
+    check, state = plan.checks[admission.denied], admission.states[admission.denied]
+    owner = f"team '{policy.team}'" if check.subject.startswith("t:") else f"key '{policy.name}'"
+    what = _DESCRIPTIONS[check.kind]
+    wait = duration(admission.retry_ms)
+    retry = [(b"retry-after", str(retry_seconds(admission.retry_ms)).encode()),
+             (b"retry-after-ms", str(max(admission.retry_ms, 1)).encode())]
+    if check.kind in ("day", "month"):
+        # Retrying within seconds cannot help a spent budget; tell the SDKs not to.
+        return RateLimitError(
+            f"You exceeded the {what} budget of {owner}: Limit {check.limit}, Used {state.used}. "
+            f"It resets in {wait}.", limit_type="tokens", code="insufficient_quota",
+            limit=LIMIT_NAMES[check.kind],
+            headers=[*retry, (b"x-should-retry", b"false"), *headers])
+    requested = 1 if check.kind in ("rpm", "concurrency") else estimate
+    return RateLimitError(
+        f"Rate limit reached for {owner} on {what}: Limit {check.limit}, Used {state.used}, "
+        f"Requested {requested}. Please try again in {wait}.",
+        limit_type="tokens" if check.kind == "tpm" else "requests", limit=LIMIT_NAMES[check.kind],
+        headers=[*retry, *headers])
+
+
+def retry_seconds(retry_ms: int) -> int:
+    """Whole seconds for ``Retry-After``: rounded up, at least 1."""
+    return max(1, -(-retry_ms // 1000))
+
+
+def duration(ms: int) -> str:
+    """OpenAI's reset format: ``120ms``, ``1s``, ``1.5s``, ``6m0s``, ``2h0m0s``."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+def build_quota_service(config: Config, events: StoreEvents | None = None,
+                        logger: logging.Logger | None = None) -> QuotaService:
+    """Redis when ``redis_url`` is set; otherwise an in-process store valid for one replica only."""
+    log = logger or logging.getLogger("llm_proxy.quotas")
+    store: QuotaStore
+    if config.redis_url:
+        store = RedisQuotaStore(connect(config.redis_url, config.quotas.store_timeout),
+                                config.quotas.store_timeout)
+    else:
+        log.warning("no redis_url: quotas are kept in this process, valid for ONE replica only")
+        store = MemoryQuotaStore()
+    return QuotaService(store, config.quotas, events, log)

@@ -1,0 +1,301 @@
+"""The store behind quotas and issued keys: its interfaces, and the in-process store.
+
+A ``Plan`` lists the limits that apply to one request (``Check``: whose, which
+kind, how many). The store checks them all and, only when every one has room,
+charges them all, in one atomic step. The Redis store does it in one Lua call
+(``lua/reserve.lua``); ``MemoryQuotaStore`` here does the same in Python for a
+single replica. Both follow these rules, and one test suite runs against both:
+
+- ``rpm``: a log of admission times; room while fewer than ``limit`` lie in
+  the last 60 s. Exact: no 60-second span ever holds more than ``limit``.
+- ``tpm``: tokens in 1-second buckets; the last 61 buckets are summed, so
+  tokens count for 60 to 61 s. It never undercounts a 60-second span; it may
+  deny for up to 1 s longer than an exact window would.
+- ``concurrency``: leases that expire by themselves after ``lease_ttl``.
+- ``day`` / ``month``: counters of UTC calendar windows.
+
+A token limit has room while its counter is below the limit, and the whole
+estimate is charged, so a counter ends at most one request above its limit
+(a request's estimate, or its actual usage when that was larger). That keeps a
+large estimate (``max_tokens`` defaults) from being refused forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+Kind = Literal["rpm", "tpm", "concurrency", "day", "month"]
+KINDS: tuple[Kind, ...] = ("rpm", "tpm", "concurrency", "day", "month")
+
+WINDOW_MS = 60_000
+BUCKET_MS = 1_000
+BUCKETS = WINDOW_MS // BUCKET_MS  # tpm sums buckets b-BUCKETS..b, i.e. BUCKETS + 1 of them
+DAY_MS = 86_400_000
+UNKNOWN_RETRY_MS = 1_000  # concurrency: nobody knows when a lease comes back
+AUDIT_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class Check:
+    subject: str  # "k:<key id>" or "t:<team>"
+    kind: Kind
+    limit: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    shard: str  # everything one request touches lives together (the Redis hash tag)
+    checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class CheckState:
+    used: int
+    remaining: int
+    reset_ms: int  # until the oldest counted use leaves (rpm/tpm), or the window ends
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    denied: int  # index of the check that denied (the one with room last); -1 when admitted
+    retry_ms: int
+    states: tuple[CheckState, ...]
+    windows: tuple[int, ...]  # per check: where the estimate went; settle needs it back
+
+
+class QuotaStore(Protocol):
+    """Every method returns within the store's timeout or raises ServiceUnavailableError."""
+
+    async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission: ...
+
+    async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None: ...
+
+    async def usage(self, plan: Plan) -> tuple[CheckState, ...]: ...
+
+    async def close(self) -> None: ...
+
+
+Record = Mapping[str, str]
+
+
+class Directory(Protocol):
+    """Issued keys, admin-set teams and the audit log; flat string records.
+
+    ``changes()`` yields the name of each changed record (``key:<id>``,
+    ``team:<name>``) as writers announce it, and ``""`` each time it has
+    (re)subscribed, after which a reader should reload everything.
+    """
+
+    async def put(self, kind: str, name: str, record: Record) -> None: ...
+
+    async def get(self, kind: str, name: str) -> dict[str, str] | None: ...
+
+    async def all(self, kind: str) -> list[dict[str, str]]: ...
+
+    async def append_audit(self, entry: Record) -> None: ...
+
+    async def audit(self, limit: int) -> list[dict[str, str]]: ...
+
+    def changes(self) -> AsyncGenerator[str, None]: ...
+
+    async def close(self) -> None: ...
+
+
+def month_window(now_ms: int) -> tuple[int, int]:
+    """(year * 12 + month - 1, start of next month in ms) for a UTC instant."""
+    moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+    index = moment.year * 12 + moment.month - 1
+    year, month = divmod(index + 1, 12)
+    return index, int(datetime(year, month + 1, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+@dataclass
+class _Window:
+    index: int
+    used: int
+
+
+class MemoryQuotaStore:
+    """The Redis store's rules in one process; valid for a single replica only.
+
+    Each method runs without awaiting, so on one event loop it is atomic.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._logs: dict[str, list[int]] = {}
+        self._buckets: dict[str, dict[int, int]] = {}
+        self._leases: dict[str, dict[str, int]] = {}
+        self._windows: dict[str, _Window] = {}
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission:
+        now = self._now()
+        keys = [_key(plan, c) for c in plan.checks]
+        states = [self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True)]
+        denied, retry = -1, 0
+        for i, (check, state) in enumerate(zip(plan.checks, states, strict=True)):
+            if state.used >= check.limit:
+                wait = self._retry(keys[i], check, state, now)
+                if wait > retry or denied < 0:
+                    denied, retry = i, wait
+        if denied >= 0:
+            return Admission(False, denied, max(retry, 1), tuple(states), ())
+        windows = tuple(self._charge(k, c, now, lease, estimate, lease_ttl_ms)
+                        for k, c in zip(keys, plan.checks, strict=True))
+        after = tuple(self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True))
+        return Admission(True, -1, 0, after, windows)
+
+    async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
+        now = self._now()
+        for check, window in zip(plan.checks, windows, strict=True):
+            key = _key(plan, check)
+            if check.kind == "concurrency":
+                self._leases.get(key, {}).pop(lease, None)
+            elif check.kind == "tpm" and delta:
+                buckets = self._buckets.setdefault(key, {})
+                current = now // BUCKET_MS
+                # A late positive correction still counts, now; a late refund has nothing left to refund.
+                target = window if window >= current - BUCKETS else (current if delta > 0 else None)
+                if target is not None:
+                    buckets[target] = max(0, buckets.get(target, 0) + delta)
+            elif check.kind in ("day", "month") and delta:
+                counter = self._windows.get(key)
+                if counter is not None and counter.index == window:
+                    counter.used = max(0, counter.used + delta)
+
+    async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
+        now = self._now()
+        return tuple(self._state(_key(plan, c), c, now) for c in plan.checks)
+
+    async def close(self) -> None:
+        return None
+
+    def _state(self, key: str, check: Check, now: int) -> CheckState:
+        kind, limit = check.kind, check.limit
+        if kind == "rpm":
+            log = self._logs.setdefault(key, [])
+            del log[:bisect.bisect_right(log, now - WINDOW_MS)]
+            reset = log[0] + WINDOW_MS - now if log else 0
+            return _state(len(log), limit, reset)
+        if kind == "tpm":
+            counted = self._counted_buckets(key, now)
+            oldest = next((b for b, n in counted if n > 0), None)
+            reset = (oldest + BUCKETS + 1) * BUCKET_MS - now if oldest is not None else 0
+            return _state(sum(n for _, n in counted), limit, reset)
+        if kind == "concurrency":
+            leases = self._leases.setdefault(key, {})
+            for lease in [lease for lease, expiry in leases.items() if expiry <= now]:
+                del leases[lease]
+            return _state(len(leases), limit, 0)
+        index, end = _calendar(kind, now)
+        counter = self._windows.get(key)
+        return _state(counter.used if counter and counter.index == index else 0, limit, end - now)
+
+    def _counted_buckets(self, key: str, now: int) -> list[tuple[int, int]]:
+        buckets = self._buckets.setdefault(key, {})
+        oldest = now // BUCKET_MS - BUCKETS
+        for stale in [b for b in buckets if b < oldest]:
+            del buckets[stale]
+        return sorted(buckets.items())
+
+    def _retry(self, key: str, check: Check, state: CheckState, now: int) -> int:
+        if check.kind == "rpm":
+            log = self._logs[key]
+            excess = len(log) - check.limit
+            return log[excess] + WINDOW_MS - now if 0 <= excess < len(log) else WINDOW_MS
+        if check.kind == "tpm":
+            left = state.used
+            for bucket, tokens in self._counted_buckets(key, now):
+                left -= tokens
+                if left < check.limit:
+                    return (bucket + BUCKETS + 1) * BUCKET_MS - now
+            return WINDOW_MS
+        if check.kind == "concurrency":
+            return UNKNOWN_RETRY_MS
+        return state.reset_ms
+
+    def _charge(self, key: str, check: Check, now: int, lease: str, estimate: int, ttl_ms: int) -> int:
+        if check.kind == "rpm":
+            bisect.insort(self._logs[key], now)
+            return 0
+        if check.kind == "tpm":
+            bucket = now // BUCKET_MS
+            buckets = self._buckets[key]
+            buckets[bucket] = buckets.get(bucket, 0) + estimate
+            return bucket
+        if check.kind == "concurrency":
+            self._leases[key][lease] = now + ttl_ms
+            return 0
+        index, _ = _calendar(check.kind, now)
+        counter = self._windows.get(key)
+        if counter is None or counter.index != index:
+            counter = self._windows[key] = _Window(index, 0)
+        counter.used += estimate
+        return index
+
+
+def _key(plan: Plan, check: Check) -> str:
+    return f"{plan.shard}|{check.subject}|{check.kind}"
+
+
+def _state(used: int, limit: int, reset_ms: int) -> CheckState:
+    return CheckState(used, max(0, limit - used), max(0, reset_ms))
+
+
+def _calendar(kind: Kind, now: int) -> tuple[int, int]:
+    if kind == "day":
+        day = now // DAY_MS
+        return day, (day + 1) * DAY_MS
+    return month_window(now)
+
+
+class MemoryDirectory:
+    """Records in process memory: issued keys last until the process ends."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, dict[str, str]]] = {}
+        self._audit: deque[dict[str, str]] = deque(maxlen=AUDIT_MAX)
+        self._listeners: set[asyncio.Queue[str]] = set()
+
+    async def put(self, kind: str, name: str, record: Record) -> None:
+        self._records.setdefault(kind, {})[name] = dict(record)
+        for queue in self._listeners:
+            queue.put_nowait(f"{kind}:{name}")
+
+    async def get(self, kind: str, name: str) -> dict[str, str] | None:
+        record = self._records.get(kind, {}).get(name)
+        return dict(record) if record is not None else None
+
+    async def all(self, kind: str) -> list[dict[str, str]]:
+        return [dict(r) for r in self._records.get(kind, {}).values()]
+
+    async def append_audit(self, entry: Record) -> None:
+        self._audit.append(dict(entry))
+
+    async def audit(self, limit: int) -> list[dict[str, str]]:
+        return list(reversed(self._audit))[:limit]
+
+    async def changes(self) -> AsyncGenerator[str, None]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._listeners.add(queue)
+        try:
+            yield ""
+            while True:
+                yield await queue.get()
+        finally:
+            self._listeners.discard(queue)
+
+    async def close(self) -> None:
+        return None
+

@@ -1,0 +1,230 @@
+"""The Redis store: quotas in Lua (one round trip per reserve or settle) and the key directory.
+
+Every call is bounded by the store timeout and every redis-py error becomes a
+``ServiceUnavailableError`` (code ``quota_store_unavailable``) here, at the
+edge. redis-py reconnects by itself once Redis is back; a Redis that lost its
+scripts (restart, failover) answers NOSCRIPT, and redis-py loads the script
+again and retries, so nothing needs a restart.
+
+URL forms (see docs/quotas.md):
+  redis://[:password@]host:port/db, rediss://..., unix:///path/redis.sock?db=0
+  redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]
+  redis+cluster://[:password@]host:port[,host:port...]   (rediss+ for TLS)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
+from redis.backoff import NoBackoff
+
+from .errors import ServiceUnavailableError
+from .store import AUDIT_MAX, Admission, CheckState, Plan, Record
+
+Client = Redis | RedisCluster
+T = TypeVar("T")
+PREFIX = "llmp:"
+CHANNEL = PREFIX + "directory"
+_REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    scheme: str  # "redis" | "sentinel" | "cluster"
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]
+    password: str | None
+    username: str | None
+    service: str | None = None
+    db: int = 0
+
+
+def parse_redis_url(url: str) -> RedisTarget | None:
+    """The parts of a ``redis+sentinel://`` or ``redis+cluster://`` URL; None for plain URLs."""
+    scheme, sep, rest = url.partition("://")
+    base, plus, kind = scheme.partition("+")
+    if not sep or not plus or base not in ("redis", "rediss") or kind not in ("sentinel", "cluster"):
+        return None
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":") if at else ("", "", "")
+    hosts = tuple(_host_port(h, 26379 if kind == "sentinel" else 6379) for h in hostlist.split(",") if h)
+    parts = [p for p in path.split("/") if p]
+    if not hosts or (kind == "sentinel" and not parts):
+        need = "host:port and a service name" if kind == "sentinel" else "host:port"
+        raise ValueError(f"a {scheme}:// URL needs {need}")
+    return RedisTarget(kind, base == "rediss", hosts, unquote(password) or None, unquote(user) or None,
+                       parts[0] if kind == "sentinel" else None,
+                       int(parts[1]) if kind == "sentinel" and len(parts) > 1 else 0)
+
+
+def _host_port(text: str, default: int) -> tuple[str, int]:
+    if text.startswith("["):  # [ipv6]:port
+        host, _, port = text[1:].partition("]")
+        return host, int(port[1:]) if port.startswith(":") else default
+    host, colon, port = text.rpartition(":")
+    return (host, int(port)) if colon else (text, default)
+
+
+def connect(url: str, timeout: float) -> Client:
+    """A client for any supported URL; connects lazily (no I/O here)."""
+    # One immediate retry covers a pooled connection that died with a restarted Redis;
+    # more would not fit in the timeout.
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "retry": Retry(NoBackoff(), 1)}
+    target = parse_redis_url(url)
+    if target is None:
+        return Redis.from_url(url, **common)
+    auth: dict[str, Any] = {"password": target.password, "username": target.username}
+    if target.scheme == "cluster":
+        nodes = [ClusterNode(h, p) for h, p in target.hosts]
+        return RedisCluster(startup_nodes=nodes, ssl=target.tls, **auth, **common)
+    # The URL's password is the master's; sentinels are commonly run without one.
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=dict(common),  # type: ignore[no-untyped-call]
+                        **auth, **common)
+    assert target.service is not None
+    tls: dict[str, Any] = {"connection_class": SentinelManagedSSLConnection} if target.tls else {}
+    client: Redis = sentinel.master_for(target.service, db=target.db, **tls)
+    return client
+
+
+async def bounded(call: Awaitable[T], limit: float, operation: str) -> T:
+    """Run one store call within ``limit`` seconds; any Redis failure becomes a 503."""
+    try:
+        async with asyncio.timeout(limit):
+            return await call
+    except _REDIS_ERRORS as exc:
+        raise ServiceUnavailableError(
+            f"The quota store is unavailable ({operation}: {type(exc).__name__}).",
+            code="quota_store_unavailable") from exc
+
+
+def _lua(name: str) -> str:
+    return resources.files("proxy").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _keys(plan: Plan) -> list[str]:
+    # The hash tag puts every counter of one request (its key's and its team's) in one slot.
+    return [f"{PREFIX}{{{plan.shard}}}:{c.subject}:{c.kind}" for c in plan.checks]
+
+
+class RedisQuotaStore:
+    def __init__(self, client: Client, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._reserve = client.register_script(_lua("reserve.lua"))
+        self._settle = client.register_script(_lua("settle.lua"))
+
+    async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission:
+        raw = await self._run("reserve", plan, "reserve", lease, estimate, lease_ttl_ms)
+        values = [int(v) for v in raw]
+        states = tuple(CheckState(*values[i:i + 3]) for i in range(3, len(values), 4))
+        windows = tuple(values[i + 3] for i in range(3, len(values), 4))
+        return Admission(bool(values[0]), values[1] - 1, values[2], states, windows if values[0] else ())
+
+    async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
+        args: list[str | int] = [lease, delta]
+        for check, window in zip(plan.checks, windows, strict=True):
+            args += [check.kind, window]
+        await bounded(self._settle(keys=_keys(plan), args=args), self._timeout, "settle")
+
+    async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
+        raw = await self._run("usage", plan, "peek", "", 0, 0)
+        values = [int(v) for v in raw]
+        return tuple(CheckState(*values[i:i + 3]) for i in range(3, len(values), 4))
+
+    async def _run(self, operation: str, plan: Plan, *head: str | int) -> list[Any]:
+        args: list[str | int] = list(head)
+        for check in plan.checks:
+            args += [check.kind, check.limit]
+        result: list[Any] = await bounded(self._reserve(keys=_keys(plan), args=args), self._timeout,
+                                          operation)
+        return result
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _text(record: dict[Any, Any]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in record.items()}
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisDirectory:
+    """Issued keys and teams as one hash each, plus an index set, a change channel and an audit stream.
+
+    All under one hash tag: the directory is small and admin-paced, and one
+    slot keeps it simple on Cluster.
+    """
+
+    def __init__(self, client: Client, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    @staticmethod
+    def _key(kind: str, name: str = "") -> str:
+        return f"{PREFIX}{{dir}}:{kind}:{name}" if name else f"{PREFIX}{{dir}}:{kind}s"
+
+    async def put(self, kind: str, name: str, record: Record) -> None:
+        async def write() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(self._key(kind, name), mapping=dict[Any, Any](record))
+                pipe.sadd(self._key(kind), name)
+                await pipe.execute()
+            await self._client.publish(CHANNEL, f"{kind}:{name}")
+
+        await bounded(write(), self._timeout, "directory write")
+
+    async def get(self, kind: str, name: str) -> dict[str, str] | None:
+        raw = await bounded(self._client.hgetall(self._key(kind, name)), self._timeout, "directory read")
+        return _text(raw) if raw else None
+
+    async def all(self, kind: str) -> list[dict[str, str]]:
+        async def read() -> list[dict[str, str]]:
+            names = sorted(_str(n) for n in await self._client.smembers(self._key(kind)))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self._key(kind, name))
+                rows: Iterable[dict[Any, Any]] = await pipe.execute()
+            return [_text(r) for r in rows if r]
+
+        # A full load may be larger than one request's worth; give it a few timeouts.
+        return await bounded(read(), self._timeout * 8, "directory load")
+
+    async def append_audit(self, entry: Record) -> None:
+        await bounded(self._client.xadd(self._key("audit", "log"), dict[Any, Any](entry), maxlen=AUDIT_MAX,
+                                        approximate=True), self._timeout, "audit write")
+
+    async def audit(self, limit: int) -> list[dict[str, str]]:
+        rows = await bounded(self._client.xrevrange(self._key("audit", "log"), count=limit),
+                             self._timeout, "audit read")
+        return [_text(fields) for _, fields in rows or [] if fields]
+
+    async def changes(self) -> AsyncGenerator[str, None]:
+        pubsub = self._client.pubsub()
+        try:
+            await bounded(pubsub.subscribe(CHANNEL), self._timeout, "subscribe")
+            yield ""
+            while True:
+                message = await bounded(pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0),
+                                        self._timeout + 1.0, "directory changes")
+                if message is not None and message.get("type") == "message":
+                    yield _str(message["data"])
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        await self._client.aclose()

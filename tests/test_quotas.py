@@ -1,0 +1,378 @@
+"""Quota semantics: one suite, run against the Redis store and the in-process store.
+
+Tests that need to move the clock run on the in-process store only (Redis's
+clock cannot be moved); the Lua calendar is checked against Python's instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.config import Limits, QuotasConfig
+from proxy.errors import RateLimitError
+from proxy.keys import KeyPolicy
+from proxy.quotas import QuotaService, Reservation, duration, plan_for, retry_seconds
+from proxy.store import DAY_MS, MemoryQuotaStore, QuotaStore, month_window
+from proxy.store_redis import RedisQuotaStore, connect
+from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+MakeService = Callable[..., QuotaService]
+
+
+def policy(key_id: str = "a", team: str | None = None, team_limits: Limits | None = None,
+           **limits: int) -> KeyPolicy:
+    return KeyPolicy(id=f"static:{key_id}", name=key_id, team=team, models=None, limits=Limits(**limits),
+                     team_limits=team_limits)
+
+
+class CountingStore:
+    """Counts store calls, passing them on."""
+
+    def __init__(self, inner: QuotaStore) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    async def reserve(self, *args: Any) -> Any:
+        self.calls.append("reserve")
+        return await self.inner.reserve(*args)
+
+    async def settle(self, *args: Any) -> Any:
+        self.calls.append("settle")
+        return await self.inner.settle(*args)
+
+    async def usage(self, *args: Any) -> Any:
+        self.calls.append("usage")
+        return await self.inner.usage(*args)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_service(request: pytest.FixtureRequest) -> AsyncIterator[MakeService]:
+    made: list[QuotaService] = []
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+
+    def make(settings: QuotasConfig | None = None, counting: list[CountingStore] | None = None) -> QuotaService:
+        store: QuotaStore = RedisQuotaStore(connect(url, 1.0), 1.0) if url else MemoryQuotaStore()
+        if counting is not None:
+            counting.append(CountingStore(store))
+            store = counting[-1]
+        made.append(QuotaService(store, settings or QuotasConfig()))
+        return made[-1]
+
+    yield make
+    for service in made:
+        await service.close()
+
+
+def header(headers: Any, name: str) -> str | None:
+    return next((v.decode() for k, v in headers if k.decode() == name), None)
+
+
+async def outcomes(service: QuotaService, p: KeyPolicy, n: int, estimate: int = 1) -> list[Reservation | None]:
+    async def one() -> Reservation | None:
+        try:
+            return await service.reserve(p, estimate)
+        except RateLimitError:
+            return None
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_no_limits_cost_no_store_call(make_service: MakeService) -> None:
+    counting: list[CountingStore] = []
+    service = make_service(counting=counting)
+    reservation = await service.reserve(policy(team="t"), 100)
+    await reservation.settle(50)
+    assert counting[0].calls == [] and reservation.headers == ()
+
+
+async def test_one_store_call_to_reserve_and_one_to_settle(make_service: MakeService) -> None:
+    counting: list[CountingStore] = []
+    service = make_service(counting=counting)
+    p = policy(team="t", team_limits=Limits(rpm=100, tokens_per_month=10**6), rpm=10, tpm=1000,
+               concurrency=5, tokens_per_day=10**5)
+    reservation = await service.reserve(p, 100)
+    await reservation.settle(80)
+    await reservation.settle(80)
+    assert counting[0].calls == ["reserve", "settle"]
+
+
+async def test_rpm_admits_exactly_the_limit_under_concurrency(make_service: MakeService) -> None:
+    service = make_service()
+    admitted = [r for r in await outcomes(service, policy(rpm=10), 60) if r is not None]
+    assert len(admitted) == 10
+
+
+async def test_rpm_denial_names_the_limit_with_retry_after(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(rpm=2)
+    first = await service.reserve(p, 1)
+    await service.reserve(p, 1)
+    assert header(first.headers, "x-ratelimit-limit-requests") == "2"
+    assert header(first.headers, "x-ratelimit-remaining-requests") == "1"
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 1)
+    exc = err.value
+    assert exc.status == 429 and exc.type == "requests" and exc.code == "rate_limit_exceeded"
+    assert "key 'a'" in exc.message and "(RPM)" in exc.message and "Limit 2" in exc.message
+    assert 58 <= int(header(exc.headers, "retry-after") or 0) <= 60
+    assert header(exc.headers, "x-ratelimit-remaining-requests") == "0"
+
+
+async def test_concurrency_never_exceeds_and_settle_releases(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(concurrency=3)
+    held = [r for r in await outcomes(service, p, 20) if r is not None]
+    assert len(held) == 3
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 1)
+    assert err.value.type == "requests" and "concurrent" in err.value.message
+    await held[0].settle(0)
+    again = await service.reserve(p, 1)
+    assert again is not None
+    for r in [*held[1:], again]:
+        await r.settle(1)
+    assert len([r for r in await outcomes(service, p, 10) if r is not None]) == 3
+
+
+async def test_concurrency_holds_across_overlapping_requests(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(concurrency=4)
+    in_flight = peak = admitted = 0
+
+    async def request() -> None:
+        nonlocal in_flight, peak, admitted
+        try:
+            reservation = await service.reserve(p, 1)
+        except RateLimitError:
+            return
+        in_flight += 1
+        admitted += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        await reservation.settle(1)
+
+    for _ in range(5):
+        await asyncio.gather(*(request() for _ in range(25)))
+    assert peak == 4 and admitted >= 5 * 4
+
+
+async def test_token_budget_overshoots_by_at_most_one_estimate(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(tokens_per_day=1000)
+    admitted = [r for r in await outcomes(service, p, 50, estimate=300) if r is not None]
+    assert len(admitted) == 4  # 0, 300, 600, 900 are below 1000; 1200 overshoots by less than 300
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 1)
+    exc = err.value
+    assert exc.code == "insufficient_quota" and exc.type == "tokens" and "per day" in exc.message
+    assert header(exc.headers, "x-should-retry") == "false"
+    now = datetime.now(UTC).timestamp()
+    to_midnight = (now // 86400 + 1) * 86400 - now
+    assert abs(int(header(exc.headers, "retry-after") or 0) - to_midnight) <= 3
+    usage = await service.key_usage(p)
+    assert usage[0].used == 1200 and usage[0].remaining == 0
+
+
+async def test_settle_replaces_the_estimate_with_actual_usage(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(tpm=1000, tokens_per_day=5000, tokens_per_month=9000)
+    reservation = await service.reserve(p, 400)
+    assert header(reservation.headers, "x-ratelimit-remaining-tokens") == "600"
+    await reservation.settle(150)
+    assert [u.used for u in await service.key_usage(p)] == [150, 150, 150]
+    big = await service.reserve(p, 100)
+    await big.settle(700)  # more than estimated: charged as used
+    assert [u.used for u in await service.key_usage(p)] == [850, 850, 850]
+
+
+async def test_upstream_failure_releases_and_charges_nothing(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(tpm=1000, concurrency=1, tokens_per_month=10_000)
+    reservation = await service.reserve(p, 900)
+    await reservation.settle(0)
+    usage = {u.limit: u.used for u in await service.key_usage(p)}
+    assert usage == {"tpm": 0, "concurrency": 0, "tokens_per_month": 0}
+
+
+async def test_tpm_denial_is_a_tokens_limit(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy(tpm=100)
+    await service.reserve(p, 150)  # below the limit when it came: admitted, overshooting by its estimate
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 10)
+    exc = err.value
+    assert exc.type == "tokens" and exc.code == "rate_limit_exceeded" and "(TPM)" in exc.message
+    assert 59 <= int(header(exc.headers, "retry-after") or 0) <= 61
+    assert header(exc.headers, "x-ratelimit-remaining-tokens") == "0"
+
+
+async def test_team_limit_is_shared_by_its_keys_and_named(make_service: MakeService) -> None:
+    service = make_service()
+    team = Limits(rpm=3)
+    a, b = policy("a", "t", team, rpm=10), policy("b", "t", team, rpm=10)
+    for p in (a, b, a):
+        await service.reserve(p, 1)
+    for p in (a, b):
+        with pytest.raises(RateLimitError) as err:
+            await service.reserve(p, 1)
+        assert "team 't'" in err.value.message
+    assert [u.used for u in await service.team_usage("t", team)] == [3]
+
+
+async def test_denial_charges_nothing(make_service: MakeService) -> None:
+    service = make_service()
+    team = Limits(tokens_per_day=10)
+    p = policy("a", "t", team, rpm=5, tpm=1000)
+    await service.reserve(p, 20)
+    for _ in range(3):
+        with pytest.raises(RateLimitError):
+            await service.reserve(p, 20)
+    usage = {u.limit: u.used for u in await service.key_usage(p)}
+    assert usage == {"rpm": 1, "tpm": 20}
+
+
+async def test_headers_use_openai_formats(make_service: MakeService) -> None:
+    service = make_service()
+    reservation = await service.reserve(policy(rpm=60, tpm=1000), 10)
+    names = [k.decode() for k, _ in reservation.headers]
+    assert names == [f"x-ratelimit-{w}-{u}" for u in ("requests", "tokens") for w in ("limit", "remaining", "reset")]
+    pattern = re.compile(r"^(\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s)$")
+    assert all(pattern.match(v.decode()) for k, v in reservation.headers if b"reset" in k)
+
+
+async def test_zero_limit_denies_everything(make_service: MakeService) -> None:
+    service = make_service()
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(policy(rpm=0), 1)
+    assert int(header(err.value.headers, "retry-after") or 0) >= 1
+
+
+def test_plans_tag_a_key_and_its_team_together() -> None:
+    p = policy("a", "t", Limits(rpm=1), rpm=2)
+    plan = plan_for(p)
+    assert plan is not None and plan.shard == "t:t"
+    assert [c.subject for c in plan.checks] == ["k:static:a", "t:t"]
+    lone = plan_for(policy("b", rpm=1))
+    assert lone is not None and lone.shard == "k:static:b"
+    assert plan_for(policy("c", "t")) is None
+
+
+def test_durations_and_retry_seconds() -> None:
+    assert [duration(ms) for ms in (0, 120, 1000, 1500, 360_000, 7_200_000)] == \
+        ["0ms", "120ms", "1s", "1.5s", "6m0s", "2h0m0s"]
+    assert [retry_seconds(ms) for ms in (0, 1, 999, 1000, 1001)] == [1, 1, 1, 1, 2]
+
+
+# --- the in-process store with a movable clock: the exact edges
+
+
+class Clock:
+    def __init__(self, at: float) -> None:
+        self.now = at
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked(at: float) -> tuple[QuotaService, Clock]:
+    clock = Clock(at)
+    return QuotaService(MemoryQuotaStore(clock), QuotasConfig(lease_ttl=30)), clock
+
+
+async def test_rpm_is_exact_over_any_60_seconds() -> None:
+    service, clock = clocked(1_000_000.0)
+    p = policy(rpm=3)
+    for offset in (0.0, 10.0, 20.0):
+        clock.now = 1_000_000.0 + offset
+        await service.reserve(p, 1)
+    clock.now = 1_000_059.999
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 1)
+    assert header(err.value.headers, "retry-after-ms") == "1"
+    clock.now = 1_000_060.0
+    await service.reserve(p, 1)  # the first left the window
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 1)
+    assert header(err.value.headers, "retry-after") == "10"
+
+
+async def test_tpm_counts_tokens_for_60_to_61_seconds() -> None:
+    service, clock = clocked(2_000_000.5)
+    p = policy(tpm=100)
+    await service.reserve(p, 100)
+    clock.now = 2_000_060.4  # 59.9 s later: still counted
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 1)
+    assert header(err.value.headers, "retry-after-ms") == "600"
+    clock.now = 2_000_061.0  # its bucket [..00, ..01) stopped counting
+    await service.reserve(p, 1)
+
+
+async def test_leases_expire_by_themselves() -> None:
+    service, clock = clocked(3_000_000.0)
+    p = policy(concurrency=1)
+    await service.reserve(p, 1)  # never settled: its replica died
+    clock.now += 29.9
+    with pytest.raises(RateLimitError):
+        await service.reserve(p, 1)
+    clock.now += 0.2
+    await service.reserve(p, 1)
+
+
+async def test_day_and_month_windows_are_utc_calendar() -> None:
+    start = datetime(2025, 1, 31, 23, 59, 0, tzinfo=UTC).timestamp()
+    service, clock = clocked(start)
+    day, month = policy("d", tokens_per_day=10), policy("m", tokens_per_month=10)
+    for p in (day, month):
+        await service.reserve(p, 10)
+        with pytest.raises(RateLimitError) as err:
+            await service.reserve(p, 1)
+        assert header(err.value.headers, "retry-after") == "60"
+    clock.now = datetime(2025, 2, 1, 0, 0, 0, tzinfo=UTC).timestamp()
+    await service.reserve(day, 10)
+    await service.reserve(month, 10)
+
+
+async def test_a_late_settle_corrects_the_right_window() -> None:
+    service, clock = clocked(datetime(2025, 3, 1, 23, 59, 59, tzinfo=UTC).timestamp())
+    p = policy(tokens_per_day=1000, tpm=1000)
+    reservation = await service.reserve(p, 500)
+    clock.now += 120  # the next day, and past the minute
+    await reservation.settle(700)
+    usage = {u.limit: u.used for u in await service.key_usage(p)}
+    assert usage == {"tpm": 200, "tokens_per_day": 0}  # late extra tokens count now; yesterday is gone
+
+
+def test_month_window_matches_the_calendar() -> None:
+    index, end = month_window(int(datetime(2024, 12, 15, tzinfo=UTC).timestamp() * 1000))
+    assert index == 2024 * 12 + 11 and end == int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+async def test_lua_calendar_agrees_with_python(redis_server: RedisServer) -> None:  # noqa: F811
+    from importlib import resources
+
+    text = resources.files("proxy").joinpath("lua", "reserve.lua").read_text()
+    helpers = text[text.index("-- Days since"):text.index("-- Buckets of")]
+    probe = ("local DAY = 86400000\nlocal now = tonumber(ARGV[1])\n" + helpers
+             + "\nlocal i, e = calendar('month')\nreturn {i, e}")
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        firsts = [int(datetime(y, m, 1, tzinfo=UTC).timestamp() * 1000)
+                  for y in (1970, 1999, 2000, 2024, 2025, 2100) for m in range(1, 13)]
+        for ms in [t + d for t in firsts for d in (-1, 0, 1, 14 * DAY_MS)]:
+            got = await client.eval(probe, 0, ms)  # type: ignore[no-untyped-call]
+            assert tuple(got) == month_window(ms), ms
+    finally:
+        await client.aclose()

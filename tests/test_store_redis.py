@@ -1,0 +1,266 @@
+"""The Redis store for real: outages, hangs, restarts, Cluster, Sentinel, several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.config import Limits, QuotasConfig, StoreErrorMode
+from proxy.errors import RateLimitError, ServiceUnavailableError
+from proxy.keys import KeyPolicy
+from proxy.quotas import QuotaService
+from proxy.store_redis import RedisQuotaStore, connect, parse_redis_url
+from tests.redis_fixtures import (  # noqa: F401
+    RedisClusterNodes,
+    RedisServer,
+    free_port,
+    redis_cluster,
+    redis_server,
+)
+
+pytestmark = pytest.mark.timeout(90)
+TIMEOUT = 0.25
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def policy(key_id: str = "a", team: str | None = None, **limits: int) -> KeyPolicy:
+    return KeyPolicy(id=f"static:{key_id}", name=key_id, team=team, models=None, limits=Limits(**limits),
+                     team_limits=Limits(rpm=10_000) if team else None)
+
+
+def service(url: str, mode: StoreErrorMode = "fail_closed") -> QuotaService:
+    settings = QuotasConfig(on_store_error=mode, store_timeout=TIMEOUT)
+    return QuotaService(RedisQuotaStore(connect(url, TIMEOUT), TIMEOUT), settings)
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[QuotaService]]:
+    made: list[QuotaService] = []
+    yield made
+    for s in made:
+        await s.close()
+
+
+async def timed(coro: object) -> tuple[float, object]:
+    started = time.perf_counter()
+    try:
+        result: object = await coro  # type: ignore[misc]
+    except (ServiceUnavailableError, RateLimitError) as exc:
+        result = exc
+    return time.perf_counter() - started, result
+
+
+async def test_outage_fail_closed_is_a_fast_503_then_recovers(redis_server: RedisServer,  # noqa: F811
+                                                              closing: list[QuotaService]) -> None:
+    quotas = service(redis_server.url)
+    closing.append(quotas)
+    p = policy(rpm=100)
+    await (await quotas.reserve(p, 1)).settle(1)
+    redis_server.stop()
+    for _ in range(3):
+        elapsed, result = await timed(quotas.reserve(p, 1))
+        assert isinstance(result, ServiceUnavailableError) and result.code == "quota_store_unavailable"
+        assert result.status == 503 and elapsed < TIMEOUT + 0.2
+    assert not quotas.ready() and not quotas.store_healthy()
+    redis_server.restart()  # empty, and without the scripts: NOSCRIPT must be handled
+    reservation = await quotas.reserve(p, 1)
+    assert quotas.ready() and quotas.store_healthy()
+    assert dict(reservation.headers)[b"x-ratelimit-remaining-requests"] == b"99"
+
+
+async def test_outage_fail_open_admits_without_counting(redis_server: RedisServer,  # noqa: F811
+                                                        closing: list[QuotaService]) -> None:
+    quotas = service(redis_server.url, "fail_open")
+    closing.append(quotas)
+    p = policy(rpm=1)
+    held = await quotas.reserve(p, 1)
+    redis_server.stop()
+    results = await asyncio.gather(*(quotas.reserve(p, 1) for _ in range(20)))
+    assert all(r.headers == () for r in results)
+    assert quotas.ready() and not quotas.store_healthy()
+    await held.settle(1)  # fails quietly: the lease expires by itself
+    for r in results:
+        await r.settle(1)
+
+
+async def test_a_hung_redis_never_hangs_a_request(redis_server: RedisServer,  # noqa: F811
+                                                  closing: list[QuotaService]) -> None:
+    quotas = service(redis_server.url)
+    closing.append(quotas)
+    p = policy(rpm=1000, concurrency=100)
+    held = await quotas.reserve(p, 1)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(timed(quotas.reserve(p, 1)) for _ in range(50)))
+        elapsed = time.perf_counter() - started
+        assert all(isinstance(r, ServiceUnavailableError) for _, r in results)
+        assert elapsed < TIMEOUT * 2 + 0.3  # waited at most about one timeout, all together
+        started = time.perf_counter()
+        await held.settle(1)  # a settle does not hang either
+        assert time.perf_counter() - started < TIMEOUT * 2 + 0.3
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            await quotas.reserve(p, 1)
+            break
+        except ServiceUnavailableError:
+            await asyncio.sleep(0.05)
+    assert quotas.store_healthy()
+
+
+async def test_one_round_trip_per_reserve_and_per_settle(redis_server: RedisServer,  # noqa: F811
+                                                         closing: list[QuotaService]) -> None:
+    quotas = service(redis_server.url)
+    closing.append(quotas)
+    p = KeyPolicy(id="static:a", name="a", team="t", models=None,
+                  limits=Limits(rpm=100, tpm=10**6, concurrency=10, tokens_per_day=10**7, tokens_per_month=10**8),
+                  team_limits=Limits(rpm=1000, tpm=10**7, concurrency=100, tokens_per_day=10**8,
+                                     tokens_per_month=10**9))
+    await (await quotas.reserve(p, 10)).settle(5)  # first use: connection set-up, script load
+    watcher = aioredis.Redis.from_url(redis_server.url)
+    seen: list[str] = []
+
+    async def watch(monitor: object) -> None:
+        while True:
+            event = await monitor.next_command()  # type: ignore[attr-defined]
+            if event.get("client_type") != "lua":  # commands inside a script are not round trips
+                seen.append(event["command"].split()[0].upper())
+
+    try:
+        async with watcher.monitor() as monitor:
+            task = asyncio.create_task(watch(monitor))
+            await asyncio.sleep(0.1)
+            for _ in range(10):
+                reservation = await quotas.reserve(p, 10)
+                await reservation.settle(5)
+            await asyncio.sleep(0.2)
+            task.cancel()
+    finally:
+        await watcher.aclose()
+    assert seen == ["EVALSHA"] * 20  # per request: one to reserve, one to settle
+
+
+async def test_lua_runs_on_a_three_node_cluster(redis_cluster: RedisClusterNodes,  # noqa: F811
+                                                closing: list[QuotaService]) -> None:
+    quotas = service(redis_cluster.url)
+    closing.append(quotas)
+    quotas_b = service(redis_cluster.url)
+    closing.append(quotas_b)
+    for team in ("alpha", "beta", "gamma", None):  # different slots, so different nodes
+        p = policy(f"k-{team}", team, rpm=5, tpm=1000, concurrency=3, tokens_per_day=10**6)
+        admitted = 0
+        for s in (quotas, quotas_b, quotas):
+            for _ in range(3):
+                try:
+                    await (await s.reserve(p, 10)).settle(7)
+                    admitted += 1
+                except RateLimitError:
+                    pass
+        assert admitted == 5
+        usage = {u.limit: u.used for u in await quotas.key_usage(p)}
+        assert usage == {"rpm": 5, "tpm": 35, "concurrency": 0, "tokens_per_day": 35}
+
+
+async def test_sentinel_url_finds_the_master(tmp_path: Path, closing: list[QuotaService]) -> None:
+    master = RedisServer().start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+    sentinel = subprocess.Popen(["redis-sentinel", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        quotas = service(f"redis+sentinel://127.0.0.1:{port}/mymaster")
+        closing.append(quotas)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await quotas.reserve(policy(rpm=5), 1)
+                break
+            except ServiceUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        assert [u.used for u in await quotas.key_usage(policy(rpm=5))] == [1]
+    finally:
+        sentinel.terminate()
+        sentinel.wait(5)
+        master.close()
+
+
+_WORKER = textwrap.dedent("""
+    import asyncio, json, sys
+    from proxy.config import Limits, QuotasConfig
+    from proxy.errors import RateLimitError
+    from proxy.keys import KeyPolicy
+    from proxy.quotas import QuotaService
+    from proxy.store_redis import RedisQuotaStore, connect
+
+    async def main(url, n):
+        quotas = QuotaService(RedisQuotaStore(connect(url, 2.0), 2.0), QuotasConfig(store_timeout=2.0))
+        rpm = KeyPolicy(id="static:p", name="p", team="t", models=None, limits=Limits(rpm=25),
+                        team_limits=Limits(tokens_per_day=10_000))
+        async def one():
+            try:
+                await quotas.reserve(rpm, 700)
+                return 1
+            except RateLimitError:
+                return 0
+        results = await asyncio.gather(*(one() for _ in range(n)))
+        await quotas.close()
+        print(json.dumps(sum(results)))
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+""")
+
+
+def test_two_processes_share_every_limit(redis_server: RedisServer) -> None:  # noqa: F811
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, redis_server.url, "40"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    totals = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        totals.append(json.loads(out))
+    # The team's 10,000-token day admits while below it: 15 × 700 = 10,500 (one estimate over),
+    # which binds before the key's 25 rpm does.
+    assert sum(totals) == 15
+
+
+def test_redis_url_forms() -> None:
+    assert parse_redis_url("redis://localhost:6379/0") is None
+    assert parse_redis_url("unix:///run/redis.sock") is None
+    s = parse_redis_url("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2/mymaster/2")
+    assert s is not None and s.scheme == "sentinel" and s.service == "mymaster" and s.db == 2
+    assert s.hosts == (("10.0.0.1", 26379), ("10.0.0.2", 26379)) and s.password == "pw"
+    c = parse_redis_url("rediss+cluster://user:p%40ss@[::1]:7000,h2:7001")
+    assert c is not None and c.tls and c.hosts == (("::1", 7000), ("h2", 7001))
+    assert c.username == "user" and c.password == "p@ss"
+    with pytest.raises(ValueError):
+        parse_redis_url("redis+sentinel://h:26379")
+
+
+async def test_unix_socket_url(tmp_path: Path, closing: list[QuotaService]) -> None:
+    sock = tmp_path / "r.sock"
+    server = RedisServer(None, "--unixsocket", str(sock)).start()
+    try:
+        quotas = service(f"unix://{sock}?db=0")
+        closing.append(quotas)
+        await quotas.reserve(policy(rpm=1), 1)
+        with pytest.raises(RateLimitError):
+            await quotas.reserve(policy(rpm=1), 1)
+    finally:
+        server.close()
