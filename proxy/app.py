@@ -23,7 +23,7 @@ from .gateway import Gateway
 from .health_checks import ActiveChecks
 from .issued_keys import build_issued_keys
 from .keys import Authenticator
-from .middleware import ErrorMiddleware, RequestIdMiddleware
+from .middleware import AdminPortMiddleware, ErrorMiddleware, RequestIdMiddleware
 from .openapi import openapi_routes
 from .quotas import QuotaService, build_quota_service
 from .reload import ConfigWatcher
@@ -58,7 +58,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
 
     app = Starlette(
         routes=[*_routes(gateway), *admin_routes(admin)],
-        middleware=[Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware, logger=log)],
+        middleware=_middleware(config, log),
         exception_handlers={HTTPException: _http_error, ProxyError: _proxy_error},
         lifespan=lifespan,
     )
@@ -96,6 +96,13 @@ class _Background:
         if self.watcher is not None:
             self.watcher.stop()
         self.checks.stop()
+
+
+def _middleware(config: Config, log: logging.Logger) -> list[Middleware]:
+    stack = [Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware, logger=log)]
+    if config.server.admin_port is not None:
+        stack.append(Middleware(AdminPortMiddleware, admin_port=config.server.admin_port))
+    return stack
 
 
 def _routes(gateway: Gateway) -> list[BaseRoute]:

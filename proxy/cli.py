@@ -87,7 +87,10 @@ def _serve(args: argparse.Namespace) -> int:
                               server_header=False, date_header=False,
                               timeout_graceful_shutdown=int(config.server.shutdown_grace) or None)
     server = GatewayServer(settings, app.state.gateway, config.server.shutdown_delay, log)
-    server.run()
+    sockets = [settings.bind_socket()]
+    if config.server.admin_port is not None:
+        sockets.append(uvicorn.Config(app, host=args.host, port=config.server.admin_port).bind_socket())
+    server.run(sockets=sockets)
     return 0
 
 

@@ -150,6 +150,7 @@ class ServerConfig:
     shutdown_delay: float = 5.0  # after SIGTERM: not ready, still serving
     shutdown_grace: float = 30.0  # then: in-flight requests and streams may finish for this long
     reload_interval: float = 2.0  # seconds between config file checks; 0: only on SIGHUP
+    admin_port: int | None = None  # serve /admin/* only on this port (and nothing else there)
 
 
 @dataclass(frozen=True)
@@ -479,13 +480,14 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
     d = r.mapping(raw, path, {"max_body_bytes", "body_timeout", "shutdown_delay", "shutdown_grace",
-                              "reload_interval"}, optional=True) or {}
+                              "reload_interval", "admin_port"}, optional=True) or {}
     dflt = ServerConfig()
     return ServerConfig(
         max_body_bytes=r.integer(d.get("max_body_bytes", dflt.max_body_bytes),
                                  f"{path}.max_body_bytes", minimum=1024),
         body_timeout=r.number(d.get("body_timeout", dflt.body_timeout), f"{path}.body_timeout",
                               minimum=0, exclusive=True),
+        admin_port=r.optional_int(d.get("admin_port"), f"{path}.admin_port", minimum=1),
         **{n: r.number(d.get(n, getattr(dflt, n)), f"{path}.{n}", minimum=0)
            for n in ("shutdown_delay", "shutdown_grace", "reload_interval")},
     )

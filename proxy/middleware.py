@@ -7,7 +7,7 @@ import re
 import secrets
 
 from .asgi import Message, Receive, Scope, Send, header, send_error
-from .errors import InternalError, ProxyError
+from .errors import InternalError, NotFoundError, ProxyError
 
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -65,3 +65,23 @@ class ErrorMiddleware:
             self.logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await send_error(send, InternalError("The gateway hit an internal error."))
+
+
+class AdminPortMiddleware:
+    """With ``server.admin_port``: ``/admin/*`` answers only on that port, and
+    that port answers nothing else, so the admin API can stay off the
+    network path clients use (a NetworkPolicy can then close it)."""
+
+    def __init__(self, app: object, admin_port: int) -> None:
+        self.app = app
+        self.admin_port = admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server")
+            on_admin_port = server is not None and server[1] == self.admin_port
+            if on_admin_port != scope["path"].startswith("/admin"):
+                await send_error(send, NotFoundError(f"Invalid URL ({scope['method']} {scope['path']}).",
+                                                     code="unknown_url"))
+                return
+        await self.app(scope, receive, send)  # type: ignore[operator]

@@ -50,3 +50,25 @@ keys: [{{name: t, key: {KEY}}}]
         assert int(held.headers["retry-after"]) >= 1
         good = client.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
         assert good.status_code == 200
+
+
+def test_admin_api_can_live_on_its_own_port(gateway: Callable[..., GatewayProcess], stub: StubUpstream) -> None:
+    import httpx
+
+    from tests.stub_upstream import free_port
+
+    admin_port = free_port()
+    gw = gateway(f"""
+admin_key: sk-admin-test
+upstreams: [{{name: a, base_url: '{stub.url}', models: [m]}}]
+keys: [{{name: t, key: {KEY}}}]
+server: {{admin_port: {admin_port}}}
+""")
+    admin = {"Authorization": "Bearer sk-admin-test"}
+    assert httpx.get(gw.url + "/admin/keys", headers=admin).status_code == 404
+    on_admin = httpx.get(f"http://127.0.0.1:{admin_port}/admin/keys", headers=admin)
+    assert on_admin.status_code == 200 and on_admin.json()["object"] == "list"
+    assert httpx.get(f"http://127.0.0.1:{admin_port}/admin/keys").status_code == 401
+    assert httpx.get(f"http://127.0.0.1:{admin_port}/v1/models",
+                     headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
