@@ -41,6 +41,7 @@ class AdminContext:
     config: Callable[[], Config]  # the live config (it may be reloaded)
     quotas: QuotaService
     keys: IssuedKeys
+    upstreams: Callable[[], list[dict[str, Any]]] = list  # each upstream's live state
 
 
 Handler = Callable[[AdminContext, Request, str], Awaitable[Response]]
@@ -62,6 +63,7 @@ def admin_routes(admin: AdminContext) -> list[BaseRoute]:
         route("/admin/teams/{name}", _put_team, "PUT"),
         route("/admin/teams/{name}/usage", _team_usage, "GET"),
         route("/admin/audit", _audit, "GET"),
+        route("/admin/upstreams", _upstreams, "GET"),
     ]
 
 
@@ -207,3 +209,7 @@ async def _audit(admin: AdminContext, request: Request, actor: str) -> Response:
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise InvalidRequestError("'limit' must be an integer from 1 to 1000.", param="limit")
     return _json({"object": "list", "data": await admin.keys.audit(int(raw))})
+
+
+async def _upstreams(admin: AdminContext, request: Request, actor: str) -> Response:
+    return _json({"object": "list", "data": admin.upstreams()})

@@ -42,7 +42,8 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     gateway = Gateway(config, quotas or build_quota_service(config, tel.metrics, log), tel,
                       make_auth=lambda static: Authenticator(static, issued), logger=log)
     background = _Background(gateway, log, config_path)
-    admin = AdminContext(config=lambda: gateway.runtime.config, quotas=gateway.quotas, keys=issued)
+    admin = AdminContext(config=lambda: gateway.runtime.config, quotas=gateway.quotas, keys=issued,
+                         upstreams=gateway.upstream_states)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -42,12 +42,17 @@ class AttemptEvents(Protocol):
 
     def failover(self, model: str, from_upstream: str) -> None: ...
 
+    def cooldown(self, upstream: str, seconds: float) -> None: ...
+
 
 class NoEvents:
     def attempt(self, upstream: str, outcome: str, seconds: float) -> None:
         return None
 
     def failover(self, model: str, from_upstream: str) -> None:
+        return None
+
+    def cooldown(self, upstream: str, seconds: float) -> None:
         return None
 
 
@@ -239,7 +244,9 @@ class Forwarder:
         status = response.status
         health = candidate.upstream.health
         if status == 429:
-            health.cool_down(self._clock(), cooldown_seconds(response.headers))
+            seconds = cooldown_seconds(response.headers)
+            health.cool_down(self._clock(), seconds)
+            self._events.cooldown(candidate.upstream.name, seconds)
             raise _AttemptFailed("429", UpstreamError(
                 "Every upstream for this model is rate limited; retry shortly.",
                 code="upstream_rate_limited"))
@@ -273,6 +280,7 @@ class Forwarder:
               started: float, health: bool) -> None:
         up = candidate.upstream
         up.in_flight -= 1
+        up.recent_errors.append((time.time(), outcome))
         now = self._clock()
         if health:
             up.health.failure(now)

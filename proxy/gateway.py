@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from .auth_guard import AuthFailureGuard
 from .config import Config
@@ -92,6 +95,23 @@ class Gateway:
         for up in self.runtime.pool.upstreams.values():
             self.telemetry.metrics.upstream_state(up.name, up.health.state(now))
 
+    def upstream_states(self) -> list[dict[str, Any]]:
+        """What ``GET /admin/upstreams`` shows: each upstream's live state on this replica."""
+        now, wall = time.monotonic(), time.time()
+        views = []
+        for up in self.runtime.pool.upstreams.values():
+            state = up.health.state(now)
+            until = up.health.blocked_until()
+            views.append({
+                "name": up.name, "provider": up.config.provider, "models": list(up.config.models),
+                "priority": up.config.priority, "weight": up.config.weight, "state": state,
+                "until": _iso(wall + until - now) if state != "healthy" and until != math.inf else None,
+                "in_flight": up.in_flight, "max_concurrency": up.config.max_concurrency,
+                "ttfb_ewma_ms": round(up.ttfb_ewma * 1000, 1) if up.ttfb_ewma is not None else None,
+                "recent_errors": [{"at": _iso(at), "outcome": outcome} for at, outcome in up.recent_errors],
+            })
+        return views
+
     def ready(self) -> dict[str, bool]:
         return {
             "config_loaded": True,
@@ -115,3 +135,7 @@ def _budget(config: Config) -> RetryBudget:
 
 def config_upstreams(config: Config) -> list[str]:
     return [u.name for u in config.upstreams]
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -8,6 +8,7 @@ available right now, in the best priority tier that has any.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +30,7 @@ class Upstream:
         self.in_flight = 0
         self.ttfb_ewma: float | None = None
         self.check_failures = 0  # consecutive failed active checks
+        self.recent_errors: deque[tuple[float, str]] = deque(maxlen=10)  # (wall time, outcome)
 
     def available(self, now: float) -> bool:
         cap = self.config.max_concurrency

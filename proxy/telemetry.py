@@ -48,6 +48,9 @@ class AttemptEvents:
         self._tracing.event("llm_proxy.failover", {"llm_proxy.model": model,
                                                    "llm_proxy.from_upstream": from_upstream})
 
+    def cooldown(self, upstream: str, seconds: float) -> None:
+        self._metrics.cooldown(upstream, seconds)
+
 
 @dataclass(frozen=True)
 class Telemetry:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.gateway_process import GatewayProcess
-from tests.stub_upstream import StubUpstream
+from tests.stub_upstream import Behaviour, StubUpstream
 
 KEY = "sk-pool-test"
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -175,3 +175,20 @@ def test_least_requests_avoids_a_slow_upstream(gateway: StartGateway, stub: Stub
         t.join(20)
     # Streams to the slow upstream pile up, so later requests go to the fast one.
     assert len(stub2.chat_requests) >= 3
+
+
+def test_admin_upstreams_shows_live_state(gateway: StartGateway, stub: StubUpstream, stub2: StubUpstream) -> None:
+    gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m]}}\n"
+                         f"  - {{name: b, base_url: '{stub2.url}', models: [m], priority: 1}}",
+                         "admin_key: sk-admin-pool"))
+    stub.queue(Behaviour("429", {"retry_after": 30}))
+    assert _post(gw).headers["x-llm-proxy-upstream"] == "b"
+    admin = {"Authorization": "Bearer sk-admin-pool"}
+    assert httpx.get(gw.url + "/admin/upstreams").status_code == 401
+    views = {u["name"]: u for u in httpx.get(gw.url + "/admin/upstreams", headers=admin).json()["data"]}
+    assert views["a"]["state"] == "cooling_down" and views["a"]["until"].endswith("Z")
+    assert views["a"]["recent_errors"][-1]["outcome"] == "429"
+    assert views["b"]["state"] == "healthy" and views["b"]["ttfb_ewma_ms"] is not None
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'llm_proxy_upstream_state{state="cooling_down",upstream="a"} 1.0' in metrics
+    assert 'llm_proxy_upstream_cooldowns_total{upstream="a"} 1.0' in metrics
