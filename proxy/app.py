@@ -21,12 +21,14 @@ from .endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
 from .errors import MethodNotAllowedError, NotFoundError, ProxyError
 from .gateway import Gateway
 from .health_checks import ActiveChecks
+from .health_sync import HealthSync, RedisHealthShare
 from .issued_keys import build_issued_keys
 from .keys import Authenticator
 from .middleware import AdminPortMiddleware, ErrorMiddleware, RequestIdMiddleware
 from .openapi import openapi_routes
 from .quotas import QuotaService, build_quota_service
 from .reload import ConfigWatcher
+from .store_redis import connect
 from .telemetry import Telemetry
 
 STATE_EXPORT_INTERVAL = 2.0
@@ -52,7 +54,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
         try:
             yield
         finally:
-            background.stop()
+            await background.stop()
             await issued.close()
             await gateway.close()
             tel.tracing.shutdown()
@@ -75,6 +77,10 @@ class _Background:
         self.gateway = gateway
         self.checks = ActiveChecks(lambda: gateway.runtime.pool, log)
         config = gateway.runtime.config
+        self.sync = (HealthSync(RedisHealthShare(connect(config.redis_url, config.quotas.store_timeout),
+                                                 config.quotas.store_timeout),
+                                lambda: gateway.runtime.pool, log)
+                     if config.redis_url else None)
         self.watcher = (ConfigWatcher(config_path, gateway.reload, gateway.telemetry.metrics.config_reload,
                                       log, config.server.reload_interval or 3600 * 24)
                         if config_path is not None else None)
@@ -82,6 +88,8 @@ class _Background:
 
     def start(self) -> None:
         self.checks.start()
+        if self.sync is not None:
+            self.sync.start()
         if self.watcher is not None:
             self.watcher.start()
         self._task = asyncio.get_running_loop().create_task(self._export())
@@ -91,7 +99,9 @@ class _Background:
             self.gateway.export_state()
             await asyncio.sleep(STATE_EXPORT_INTERVAL)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        if self.sync is not None:
+            await self.sync.stop()
         if self._task is not None:
             self._task.cancel()
         if self.watcher is not None:

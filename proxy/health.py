@@ -85,6 +85,13 @@ class Health:
         self._failures = 0
         self._blocked, self._until = "ejected", math.inf
 
+    def hold(self, state: State, until: float) -> None:
+        """Another replica saw this upstream fail: hold traffic as it did,
+        without counting a failure here (the back-off is that replica's)."""
+        if until > self._until or self._blocked == "healthy" or self.state(until) == "healthy":
+            self._probe_out = False
+            self._blocked, self._until = state, until
+
     def credentials_rejected(self, now: float) -> None:
         self._probe_out = False
         self._blocked, self._until = "credentials_bad", now + self.policy.credentials_recheck
