@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 
@@ -46,10 +47,8 @@ def test_metrics_count_known_traffic_exactly(gateway: Callable[..., GatewayProce
     stub.behave("status", status=500)
     client.chat.completions.create(model="m", messages=MESSAGES)  # fails over to backup  # type: ignore[arg-type]
     client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
-    try:
-        client.chat.completions.create(model="m", messages=MESSAGES)  # the 5th in a minute: rpm 4  # type: ignore[arg-type]
-    except openai.RateLimitError:
-        pass
+    with contextlib.suppress(openai.RateLimitError):  # the 5th in a minute: rpm 4
+        client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
     httpx.post(gw.url + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer sk-nope"})
     text = httpx.get(gw.url + "/metrics").text
 
