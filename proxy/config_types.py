@@ -1,0 +1,193 @@
+"""The config's typed, frozen model (parsed and validated in ``config``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Literal
+
+Provider = Literal["openai", "azure", "mock"]
+Strategy = Literal["round_robin", "weighted", "least_requests", "latency"]
+StoreErrorMode = Literal["fail_closed", "fail_open"]
+
+PROVIDERS: tuple[Provider, ...] = ("openai", "azure", "mock")
+STRATEGIES: tuple[Strategy, ...] = ("round_robin", "weighted", "least_requests", "latency")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. ``first_byte`` covers headers and the first body chunk."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True)
+class MockSettings:
+    """Behaviour of the built-in ``mock`` provider (demo and tests)."""
+
+    latency: float = 0.0  # seconds before the first byte
+    tokens_per_second: float = 0.0  # 0: as fast as possible
+    completion_tokens: int = 16  # generated when the request sets no max_tokens
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Optional active check: ``GET {base_url}/models``, never a paid completion."""
+
+    interval: float = 10.0
+    timeout: float = 3.0
+    unhealthy_threshold: int = 2  # consecutive failed checks that eject
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    models: Mapping[str, str]  # public model name → the upstream's own name
+    provider: Provider = "openai"
+    api_key: str | None = field(default=None, repr=False)
+    api_version: str | None = None
+    weight: float = 1.0
+    priority: int = 0
+    max_concurrency: int | None = None
+    timeout: Timeouts = Timeouts()
+    mock: MockSettings = MockSettings()
+    health_check: HealthCheck | None = None
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    strategy: Strategy = "least_requests"
+    max_attempts: int = 3
+    deadline: float = 120.0
+    retry_budget: float = 0.2  # retries may add at most this fraction of requests...
+    min_retries_per_second: float = 5.0  # ...plus this floor, so a quiet gateway can still retry
+    wait_for_cooldown: bool = False  # all cooling down: wait for the first to recover, within the deadline
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Passive health (circuit breaker) policy; see health.py for the states."""
+
+    failure_threshold: int = 5
+    base_ejection: float = 5.0
+    max_ejection: float = 300.0
+    credentials_recheck: float = 60.0
+    max_cooldown: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``None`` means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.concurrency,
+                                            self.tokens_per_day, self.tokens_per_month))
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """A static key from the config; only its SHA-256 is kept."""
+
+    name: str
+    key_sha256: str = field(repr=False)
+    team: str | None = None
+    models: tuple[str, ...] | None = None
+    limits: Limits = Limits()
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    models: tuple[str, ...] | None = None
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    on_store_error: StoreErrorMode = "fail_closed"
+    default_max_tokens: int = 4096  # estimate when a request sets no max_tokens
+    store_timeout: float = 0.25  # seconds for any one store call
+    lease_ttl: float = 900.0  # a concurrency lease expires after this if never released
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout: float = 30.0  # a client must deliver its whole body within this (slow-body defence)
+    shutdown_delay: float = 5.0  # after SIGTERM: not ready, still serving
+    shutdown_grace: float = 30.0  # then: in-flight requests and streams may finish for this long
+    reload_interval: float = 2.0  # seconds between config file checks; 0: only on SIGHUP
+    admin_port: int | None = None  # serve /admin/* only on this port (and nothing else there)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    access_log: bool = True  # one line per request
+    access_format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: tuple[UpstreamConfig, ...]
+    routing: RoutingConfig = RoutingConfig()
+    keys: tuple[KeyConfig, ...] = ()
+    teams: tuple[TeamConfig, ...] = ()
+    quotas: QuotasConfig = QuotasConfig()
+    server: ServerConfig = ServerConfig()
+    health: HealthConfig = HealthConfig()
+    models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
+    pricing: Mapping[str, ModelPrice] = field(default_factory=lambda: MappingProxyType({}))
+    logging: LoggingConfig = LoggingConfig()
+    redis_url: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+
+    def public_models(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for upstream in self.upstreams:
+            seen.update(dict.fromkeys(upstream.models))
+        return tuple(seen)
+
+    def team(self, name: str | None) -> TeamConfig | None:
+        return next((t for t in self.teams if t.name == name), None)
+
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """Estimated price of one model, in USD per million tokens."""
+
+    input: float
+    output: float
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Only whether things are set; the OTel SDK reads the other ``OTEL_*`` itself."""
+
+    otlp_endpoint: str | None = None  # the traces endpoint, or the general one
+    sdk_disabled: bool = False
+    multiprocess_dir: str | None = None  # set for ``uvicorn --workers N``
+    traces_exporter: str = "otlp"  # OTEL_TRACES_EXPORTER; "none" turns tracing off
+
+    @property
+    def tracing(self) -> bool:
+        return self.otlp_endpoint is not None and not self.sdk_disabled and self.traces_exporter != "none"
