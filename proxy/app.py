@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .admin import AdminContext, admin_routes
+from .budgets import BudgetGauges
 from .config import Config, TelemetryConfig
 from .endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
 from .errors import MethodNotAllowedError, NotFoundError, ProxyError
@@ -32,6 +33,7 @@ from .store_redis import connect
 from .telemetry import Telemetry
 
 STATE_EXPORT_INTERVAL = 2.0
+BUDGET_EVERY_TICKS = 5  # budgets from the store every 10 s
 
 
 def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = None,
@@ -43,7 +45,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     issued = build_issued_keys(config, logger=log)
     gateway = Gateway(config, quotas or build_quota_service(config, tel.metrics, log), tel,
                       make_auth=lambda static: Authenticator(static, issued), logger=log)
-    background = _Background(gateway, log, config_path)
+    background = _Background(gateway, log, config_path, BudgetGauges(gateway.quotas, tel.metrics, issued))
     admin = AdminContext(config=lambda: gateway.runtime.config, quotas=gateway.quotas, keys=issued,
                          upstreams=gateway.upstream_states)
 
@@ -73,8 +75,9 @@ class _Background:
     """The gateway's periodic work: active checks, the config watcher, state export."""
 
     def __init__(self, gateway: Gateway, log: logging.Logger,
-                 config_path: str | os.PathLike[str] | None) -> None:
+                 config_path: str | os.PathLike[str] | None, budgets: BudgetGauges) -> None:
         self.gateway = gateway
+        self.budgets = budgets
         self.checks = ActiveChecks(lambda: gateway.runtime.pool, log)
         config = gateway.runtime.config
         self.sync = (HealthSync(RedisHealthShare(connect(config.redis_url, config.quotas.store_timeout),
@@ -95,8 +98,13 @@ class _Background:
         self._task = asyncio.get_running_loop().create_task(self._export())
 
     async def _export(self) -> None:
+        ticks = 0
         while True:
             self.gateway.export_state()
+            if ticks % BUDGET_EVERY_TICKS == 0:
+                rt = self.gateway.runtime
+                await self.budgets.refresh(rt.keys.policies(), rt.config.teams)
+            ticks += 1
             await asyncio.sleep(STATE_EXPORT_INTERVAL)
 
     async def stop(self) -> None:

@@ -36,6 +36,7 @@ class Runtime:
     config: Config
     pool: Pool
     auth: Authenticator
+    keys: StaticKeys
 
 
 class Gateway:
@@ -59,7 +60,8 @@ class Gateway:
     def _build(self, config: Config, old: Runtime | None) -> Runtime:
         pool = Pool(config, make_selector(config.routing.strategy), config.health,
                     keep=old.pool.upstreams if old else None)
-        return Runtime(config, pool, self._make_auth(StaticKeys(config)))
+        keys = StaticKeys(config)
+        return Runtime(config, pool, self._make_auth(keys), keys)
 
     def reload(self, config: Config) -> None:
         """Swap in a validated config atomically; unchanged upstreams keep

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable
 
 import httpx
@@ -28,10 +29,10 @@ pricing: {{m: {{input: 1.0, output: 2.0}}}}
 """
 
 
-def _sample(metrics: str, name: str, **labels: str) -> float:
+def _sample(metrics: str, metric: str, **labels: str) -> float:
     total = 0.0
     for line in metrics.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
+        if not line.startswith(metric + "{") and not line.startswith(metric + " "):
             continue
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
@@ -117,3 +118,28 @@ def test_access_log_is_one_json_line_per_request_without_secrets(
     assert entry["key_name"] == "app" and entry["upstream"] == "main" and entry["completion_tokens"] == 8
     assert KEY not in gw.log() and "count my tokens" not in gw.log()
     assert re.search(r"sk-[A-Za-z0-9]", gw.log()) is None
+
+
+def test_budget_gauges_are_refreshed_from_the_store(gateway: Callable[..., GatewayProcess],
+                                                     stub: StubUpstream) -> None:
+    gw = gateway(f"""
+upstreams: [{{name: main, base_url: '{stub.url}', models: [m]}}]
+keys: [{{name: app, key: {KEY}, team: team-a, limits: {{tokens_per_day: 1000}}}}]
+teams: [{{name: team-a, limits: {{tokens_per_month: 50000}}}}]
+""")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
+    used = client.chat.completions.create(model="m", messages=MESSAGES).usage  # type: ignore[arg-type]
+    assert used is not None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = httpx.get(gw.url + "/metrics").text
+        if _sample(text, "llm_proxy_budget_remaining_tokens", scope="key", name="app",
+                   limit="tokens_per_day") == 1000 - used.total_tokens:
+            break
+        time.sleep(0.5)
+    assert _sample(text, "llm_proxy_budget_remaining_tokens", scope="key", name="app",
+                   limit="tokens_per_day") == 1000 - used.total_tokens
+    assert _sample(text, "llm_proxy_budget_remaining_tokens", scope="team", name="team-a",
+                   limit="tokens_per_month") == 50000 - used.total_tokens
+    assert _sample(text, "llm_proxy_budget_limit_tokens", scope="team", name="team-a",
+                   limit="tokens_per_month") == 50000
