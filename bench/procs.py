@@ -66,6 +66,15 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLK_TCK
 
 
+def core_busy_seconds(core: int) -> float:
+    """Busy time of one core (everything but idle and iowait), from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            v = [int(x) for x in line.split()[1:]]
+            return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+    return 0.0
+
+
 def rss_bytes(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
@@ -81,6 +90,27 @@ def open_fds(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return -1
+
+
+def tcp_ports(pid: int) -> list[tuple[int, int]]:
+    """(local port, remote port) of the process's established TCP sockets (IPv4 and IPv6)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    except OSError:
+        return []
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[9] in inodes and f[3] == "01":  # ESTABLISHED
+                    out.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)))
+    return out
 
 
 def children(pid: int) -> list[int]:
@@ -116,6 +146,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     port: int = 0
+    stop_signal: int = signal.SIGTERM
 
     @property
     def pid(self) -> int:
@@ -139,14 +170,28 @@ class Procs:
         self.workdir = workdir
         self.started: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
-              port: int = 0, wait: float = 20.0) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        wait: float = 20.0,
+        stop_signal: int = signal.SIGTERM,
+        cwd: Path = ROOT,
+    ) -> Proc:
         log = self.workdir / f"{name}.log"
         fh = log.open("ab")
-        popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env={**os.environ, **(env or {})}, cwd=ROOT)
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
         fh.close()
-        proc = Proc(name, popen, log, port)
+        proc = Proc(name, popen, log, port, stop_signal)
         self.started.append(proc)
         if port:
             try:
@@ -157,8 +202,9 @@ class Procs:
 
     def stop(self, proc: Proc, timeout: float = 10.0) -> None:
         if proc.popen.poll() is None:
-            # nginx: SIGQUIT is a graceful stop; SIGTERM is fast. Everyone else: SIGTERM.
-            proc.popen.send_signal(signal.SIGTERM)
+            # nginx and redis: SIGTERM is a fast stop. The gateway: SIGINT (SIGTERM first
+            # keeps serving for server.shutdown_delay, as Kubernetes needs).
+            proc.popen.send_signal(proc.stop_signal)
             try:
                 proc.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -180,19 +226,69 @@ class Procs:
             self.stop_all()
 
 
+def gateway_root() -> Path:
+    """The checkout whose ``proxy`` package is benchmarked: this one, or $BENCH_GATEWAY_ROOT
+    (to compare a change against a baseline checkout on the same machine)."""
+    return Path(os.environ.get("BENCH_GATEWAY_ROOT") or ROOT).resolve()
+
+
+def start_gateway(
+    procs: Procs, name: str, config: Path, port: int, cpus: str | None, env: dict[str, str] | None = None
+) -> Proc:
+    root = gateway_root()
+    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return procs.start(
+        name,
+        pin(cpus, gateway_argv(config, port)),
+        {**(env or {}), "PYTHONPATH": pythonpath},
+        port,
+        wait=30.0,
+        stop_signal=signal.SIGINT,
+        cwd=root,
+    )
+
+
 def gateway_argv(config: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "proxy", "serve", "--config", str(config),
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return [
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
 
 
 def redis_argv(port: int) -> list[str]:
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--protected-mode", "yes"]
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "yes",
+    ]
 
 
 def redis_info(port: int, section: str) -> dict[str, str]:
-    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", section], capture_output=True,
-                         text=True, timeout=10, check=True).stdout
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "INFO", section],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
     info: dict[str, str] = {}
     for line in out.splitlines():
         if ":" in line and not line.startswith("#"):
@@ -201,15 +297,22 @@ def redis_info(port: int, section: str) -> dict[str, str]:
     return info
 
 
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+
+
 def redis_counters(port: int) -> dict[str, int]:
-    """Commands by name (cmdstat_*) and the server's read events (≈ client round trips)."""
-    stats = redis_info(port, "commandstats")
-    out: dict[str, int] = {}
-    for k, v in stats.items():
-        fields = dict(p.split("=", 1) for p in v.split(","))
-        out[k.removeprefix("cmdstat_")] = int(fields["calls"])
-    general = redis_info(port, "stats")
-    out["__reads__"] = int(general.get("total_reads_processed", 0))
+    """Commands by name (cmdstat_*) and the server's read events (≈ client round trips),
+    read with ONE ``INFO all`` (so a delta contains exactly one INFO and one read of ours)."""
+    info = redis_info(port, "all")
+    out: dict[str, int] = {"__script_usec__": 0}
+    for k, v in info.items():
+        if k.startswith("cmdstat_"):
+            fields = dict(p.split("=", 1) for p in v.split(","))
+            name = k.removeprefix("cmdstat_")
+            out[name] = int(fields["calls"])
+            if name in SCRIPT_COMMANDS:  # their time includes the commands the scripts ran
+                out["__script_usec__"] += int(fields["usec"])
+    out["__reads__"] = int(info.get("total_reads_processed", 0))
     return out
 
 

@@ -18,8 +18,9 @@ STREAM_MODEL = "bench-stream"
 SLOW_MODEL = "bench-slow"
 KEY = "sk-bench"
 CREATED = 1764000000
-WORDS = ("The quick brown fox jumps over the lazy dog while the gateway relays every "
-         "event exactly as it came").split()
+WORDS = (
+    "The quick brown fox jumps over the lazy dog while the gateway relays every event exactly as it came"
+).split()
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
@@ -36,55 +37,95 @@ def request_body(model: str, stream: bool) -> bytes:
 
 def completion() -> bytes:
     text = " ".join(WORDS[:18]) + "."
-    return orjson.dumps({
-        "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion", "created": CREATED,
-        "model": MODEL, "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 31, "completion_tokens": 19, "total_tokens": 50,
-                  "prompt_tokens_details": {"cached_tokens": 0},
-                  "completion_tokens_details": {"reasoning_tokens": 0}},
-    })
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench0000000000000000000000",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": MODEL,
+            "system_fingerprint": "fp_bench",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 31,
+                "completion_tokens": 19,
+                "total_tokens": 50,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            },
+        }
+    )
 
 
 def _chunk(delta: dict[str, object], finish: str | None) -> bytes:
-    return b"data: " + orjson.dumps({
-        "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk", "created": CREATED,
-        "model": MODEL, "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        "usage": None,
-    }) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "chatcmpl-bench0000000000000000000000",
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": MODEL,
+                "system_fingerprint": "fp_bench",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "usage": None,
+            }
+        )
+        + b"\n\n"
+    )
 
 
 def stream(events: int = 20) -> bytes:
     """``events`` chunk events, the usage event, ``[DONE]``."""
     parts = [_chunk({"role": "assistant", "content": "", "refusal": None}, None)]
-    parts += [_chunk({"content": (" " if i else "") + WORDS[i % len(WORDS)]}, None) for i in range(events - 2)]
+    parts += [
+        _chunk({"content": (" " if i else "") + WORDS[i % len(WORDS)]}, None) for i in range(events - 2)
+    ]
     parts.append(_chunk({}, "stop"))
-    parts.append(b"data: " + orjson.dumps({
-        "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk", "created": CREATED,
-        "model": MODEL, "system_fingerprint": "fp_bench", "choices": [],
-        "usage": {"prompt_tokens": 31, "completion_tokens": events - 2, "total_tokens": 31 + events - 2},
-    }) + b"\n\n")
+    parts.append(
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "chatcmpl-bench0000000000000000000000",
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": MODEL,
+                "system_fingerprint": "fp_bench",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 31,
+                    "completion_tokens": events - 2,
+                    "total_tokens": 31 + events - 2,
+                },
+            }
+        )
+        + b"\n\n"
+    )
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts)
-
-
-def _nginx_string(data: bytes) -> str:
-    text = data.decode()
-    assert "$" not in text, "nginx would read $ as a variable"
-    return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
 
 
 def render(template: str, workdir: Path, name: str, **values: object) -> Path:
     """Write ``bench/nginx/<template>`` with its placeholders filled; return the path."""
     text = (NGINX_DIR / template).read_text()
-    defaults: dict[str, object] = {"DIR": workdir, "NAME": name, "NOFILE": 65536, "CONNECTIONS": 30000,
-                                   "WORKERS": 1, "DRIP_RATE": 200}
+    defaults: dict[str, object] = {
+        "DIR": workdir,
+        "NAME": name,
+        "NOFILE": 65536,
+        "CONNECTIONS": 30000,
+        "WORKERS": 1,
+        "DRIP_RATE": 200,
+    }
     for key, value in {**defaults, **values}.items():
         text = text.replace(f"@@{key}@@", str(value))
     if "@@" in text:
-        raise ValueError(f"{template}: unfilled placeholder near {text[text.index('@@'):][:40]!r}")
+        raise ValueError(f"{template}: unfilled placeholder near {text[text.index('@@') :][:40]!r}")
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / f"{name}-tmp" / sub).mkdir(parents=True, exist_ok=True)
     out = workdir / f"{name}.conf"
@@ -93,8 +134,9 @@ def render(template: str, workdir: Path, name: str, **values: object) -> Path:
 
 
 def stub_conf(workdir: Path, port: int, drip_rate: int = 200) -> Path:
-    return render("stub.conf", workdir, "stub", PORT=port, DRIP_RATE=drip_rate,
-                  COMPLETION=_nginx_string(completion()), STREAM=_nginx_string(stream()))
+    (workdir / "stub-completion.json").write_bytes(completion())
+    (workdir / "stub-stream.sse").write_bytes(stream())
+    return render("stub.conf", workdir, "stub", PORT=port, DRIP_RATE=drip_rate)
 
 
 def hop_conf(workdir: Path, name: str, port: int, backends: list[int], workers: int = 1) -> Path:
@@ -119,6 +161,7 @@ def gateway_config(stub_port: int, redis_port: int | None) -> str:
         f"    base_url: http://127.0.0.1:{stub_port}/slow/v1",
         f"    models: [{SLOW_MODEL}]",
         "    timeout: {connect: 5, first_byte: 60, idle: 120, total: 900}",
+        "server: {shutdown_delay: 0, shutdown_grace: 5}",
         "routing:",
         "  strategy: least_requests",
         "  max_attempts: 2",

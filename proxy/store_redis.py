@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
@@ -76,6 +76,9 @@ def _host_port(text: str, default: int) -> tuple[str, int]:
     return (host, int(port)) if colon else (text, default)
 
 
+MAX_CONNECTIONS = 256
+
+
 def connect(url: str, timeout: float) -> Client:
     """A client for any supported URL; connects lazily (no I/O here)."""
     # One immediate retry covers a pooled connection that died with a restarted Redis;
@@ -84,7 +87,10 @@ def connect(url: str, timeout: float) -> Client:
                               "retry": Retry(NoBackoff(), 1)}
     target = parse_redis_url(url)
     if target is None:
-        return Redis.from_url(url, **common)
+        # A blocking pool waits (within the timeout) for a free connection under a burst,
+        # where the default pool fails at its cap and would turn load into 503s.
+        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout, **common)
+        return Redis(connection_pool=pool)
     auth: dict[str, Any] = {"password": target.password, "username": target.username}
     if target.scheme == "cluster":
         nodes = [ClusterNode(h, p) for h, p in target.hosts]
@@ -150,6 +156,9 @@ class RedisQuotaStore:
         result: list[Any] = await bounded(self._reserve(keys=_keys(plan), args=args), self._timeout,
                                           operation)
         return result
+
+    async def ping(self) -> None:
+        await bounded(self._client.ping(), self._timeout, "ping")
 
     async def close(self) -> None:
         await self._client.aclose()
