@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from .errors import Header, InvalidRequestError, ProxyError, RequestTooLargeError
 
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]
 Message = dict[str, Any]
 Receive = Any  # Callable[[], Awaitable[Message]]
 Send = Any  # Callable[[Message], Awaitable[None]]
