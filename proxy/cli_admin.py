@@ -3,14 +3,16 @@
 Each command works against a running gateway's admin API (``--url``, with the
 admin key from ``--admin-key-file`` or ``$LLM_PROXY_ADMIN_KEY``) or directly
 against Redis (``--redis-url``, or ``--config FILE`` for its ``redis_url`` and
-teams). Answers are printed as JSON, the same as the admin API's; a secret is
-printed only by ``create`` and ``rotate``.
+teams). Answers are printed as JSON on stdout, the same as the admin API's; a
+secret is printed only by ``create`` and ``rotate``. Exit status: 0 done, 1 the
+command failed (the reason on stderr, nothing on stdout), 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -23,7 +25,7 @@ import orjson
 
 from .admin import key_view, usage_json
 from .config import ADMIN_KEY_ENV, QuotasConfig, TeamConfig, admin_key_from_env, load_config
-from .errors import ConfigError, NotFoundError, ProxyError
+from .errors import ConfigError, NotFoundError, ProxyError, ServiceUnavailableError
 from .issued_keys import IssuedKeys, parse_key_spec, parse_overlap
 from .quotas import QuotaService
 from .store_redis import RedisDirectory, RedisQuotaStore, connect
@@ -165,7 +167,7 @@ class _Http:
             with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT) as response:
                 return orjson.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise CommandError(f"{exc.code}: {_error_message(exc.read())}") from None
+            raise CommandError(_http_error(exc.code, exc.read(), self._url)) from None
         except (urllib.error.URLError, OSError) as exc:
             raise CommandError(f"cannot reach {self._url}: {exc}") from None
 
@@ -186,11 +188,25 @@ class _Http:
         return self._call("GET", f"/admin/teams/{quote(name, safe='')}/usage")
 
 
-def _error_message(body: bytes) -> str:
+def _http_error(status: int, body: bytes, url: str) -> str:
     try:
-        return str(orjson.loads(body)["error"]["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return body.decode(errors="replace")[:200]
+        error = orjson.loads(body)["error"]
+        message, code = str(error["message"]), error.get("code")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        message, code = body.decode(errors="replace")[:200], None
+    if status == 404 and code == "unknown_url":
+        # The gateway answers every admin path with 404 while its config has no admin_key.
+        return f"404: {url} has no admin API (its config sets no admin_key)"
+    return f"{status}: {message}"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    def hide(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(1).partition(":")
+        return f"//{user}:***@" if colon else match.group(0)
+
+    return re.sub(r"//([^/@]*)@", hide, url)
 
 
 class _Direct:
@@ -216,7 +232,10 @@ class _Direct:
                 await keys.close()
                 await quotas.close()
 
-        return asyncio.run(run())
+        try:
+            return asyncio.run(run())
+        except ServiceUnavailableError as exc:
+            raise CommandError(f"cannot reach Redis at {redact(self._url)}: {exc.message}") from None
 
     def create(self, spec: dict[str, Any]) -> Any:
         async def create(keys: IssuedKeys, quotas: QuotaService) -> Any:

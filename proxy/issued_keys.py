@@ -164,11 +164,15 @@ class IssuedKeys:
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._refresh_forever())]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        pending = set(self._tasks)
+        for _ in range(50):
+            if not pending:
+                break
+            # Cancelled again until done: a cancel that lands as redis-py's own read
+            # timeout fires can be swallowed (Python 3.11's asyncio.timeout).
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         self._tasks = []
         await self._directory.close()
 

@@ -9,11 +9,15 @@ When the store fails, ``quotas.on_store_error`` decides: ``fail_closed``
 answers 503, ``fail_open`` admits without counting. While the store is
 failing, one request at a time probes it and the others do not wait, so an
 outage slows nothing down and the first success puts the store back in use.
+A background probe also pings the store every ``PROBE_INTERVAL`` until it
+answers: an unready replica gets no traffic (Kubernetes takes it out of its
+Service), so without it ``/readyz`` would never recover on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -28,6 +32,7 @@ from .store import Admission, Check, CheckState, Kind, MemoryQuotaStore, Plan, Q
 from .store_redis import RedisQuotaStore, connect
 
 T = TypeVar("T")
+PROBE_INTERVAL = 0.5  # seconds between background pings of a failing store
 _FIELDS: tuple[tuple[str, Kind], ...] = (
     ("rpm", "rpm"), ("tpm", "tpm"), ("concurrency", "concurrency"),
     ("tokens_per_day", "day"), ("tokens_per_month", "month"),
@@ -115,6 +120,7 @@ class QuotaService:
         self._log = logger or logging.getLogger("llm_proxy.quotas")
         self._healthy = True
         self._probing = False
+        self._prober: asyncio.Task[None] | None = None
 
     async def reserve(self, policy: KeyPolicy, estimate_tokens: int) -> Reservation:
         plan = plan_for(policy)
@@ -171,8 +177,7 @@ class QuotaService:
         try:
             result = await make()
         except ServiceUnavailableError:
-            self._healthy = False
-            self._events.store_error(operation)
+            self._failed(operation)
             raise
         finally:
             if owns_probe:
@@ -181,6 +186,28 @@ class QuotaService:
         self._events.store_latency(operation, time.perf_counter() - started)
         return result
 
+    def _failed(self, operation: str) -> None:
+        self._healthy = False
+        self._events.store_error(operation)
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(self._probe_until_healthy())
+
+    async def _probe_until_healthy(self) -> None:
+        while not self._healthy:
+            await asyncio.sleep(PROBE_INTERVAL)
+            if self._healthy or self._probing:
+                continue  # a request is probing already
+            self._probing = True
+            try:
+                await self._store.ping()
+            except ServiceUnavailableError:
+                self._events.store_error("probe")
+                continue
+            finally:
+                self._probing = False
+            self._healthy = True
+            self._log.info("quota store reachable again")
+
     def ready(self) -> bool:
         return self._healthy or self._settings.on_store_error == "fail_open"
 
@@ -188,6 +215,10 @@ class QuotaService:
         return self._healthy
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
         await self._store.close()
 
 

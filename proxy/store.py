@@ -80,6 +80,8 @@ class QuotaStore(Protocol):
 
     async def usage(self, plan: Plan) -> tuple[CheckState, ...]: ...
 
+    async def ping(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -177,6 +179,9 @@ class MemoryQuotaStore:
     async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
         now = self._now()
         return tuple(self._state(_key(plan, c), c, now) for c in plan.checks)
+
+    async def ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -1,11 +1,13 @@
 """Real redis-server processes for tests: standalone (stop/restart on the same port) and a 3-node Cluster.
 
 Never the shared Redis on 6379: each server gets a free loopback port and an
-empty temporary directory, and is stopped at the end.
+empty temporary directory, and is stopped at the end, also when its set-up
+fails half-way (a leaked redis-server outlives pytest and holds its port).
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -18,12 +20,56 @@ import pytest
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+REDIS_SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+
+
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on port + 10000 (its bus)
+_CLUSTER_PORTS = (20_000, 45_000)  # so port + 10000 stays a valid port, below the ephemeral range
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def cluster_port() -> int:
+    """A port whose bus port (+10000) is free and ≤ 65535.
+
+    ``free_port`` comes from the ephemeral range (often above 55535), where a
+    cluster node exits at once: "Your Redis port number must be 55535 or less".
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*_CLUSTER_PORTS)
+        if _bindable(port) and _bindable(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise RuntimeError("no free port pair for a Redis cluster node")
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            port -= 20000
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _ping(port: int) -> bool:
@@ -47,6 +93,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, wait: float = 10.0) -> RedisServer:
+        """Start and wait for PONG; on failure nothing is left running."""
+        try:
+            return self._start(wait)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, wait: float) -> RedisServer:
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), *self.extra],
@@ -54,11 +108,10 @@ class RedisServer:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
             if _ping(self.port):
                 return self
             time.sleep(0.02)
-        self.stop()
         raise RuntimeError(f"redis-server did not start on {self.port} within {wait}s")
 
     def stop(self) -> None:
@@ -90,7 +143,7 @@ class RedisClusterNodes:
     """Three masters, no replicas, all 16384 slots assigned."""
 
     def __init__(self) -> None:
-        self.nodes = [RedisServer(None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        self.nodes = [RedisServer(cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                   "--cluster-node-timeout", "2000") for _ in range(3)]
 
     @property
@@ -98,19 +151,33 @@ class RedisClusterNodes:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> RedisClusterNodes:
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> RedisClusterNodes:
         for node in self.nodes:
             node.start()
-        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
+        made = subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                               "--cluster-replicas", "0", "--cluster-yes"],
+                              capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            info = subprocess.run([REDIS_CLI, "-p", str(self.nodes[0].port), "cluster", "info"],
-                                  capture_output=True, text=True, timeout=5).stdout
-            if "cluster_state:ok" in info:
+            # Every node, not just one: a node that has not yet learnt the slot map answers CLUSTERDOWN.
+            if all(self._ready(node) for node in self.nodes):
                 return self
             time.sleep(0.1)
         raise RuntimeError("the Redis cluster did not become ready")
+
+    @staticmethod
+    def _ready(node: RedisServer) -> bool:
+        info = subprocess.run([REDIS_CLI, "-p", str(node.port), "cluster", "info"],
+                              capture_output=True, text=True, timeout=5).stdout
+        return "cluster_state:ok" in info and "cluster_known_nodes:3" in info
 
     def close(self) -> None:
         for node in self.nodes:
@@ -119,13 +186,17 @@ class RedisClusterNodes:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="module")
 def redis_cluster() -> Iterator[RedisClusterNodes]:
-    cluster = RedisClusterNodes().start()
-    yield cluster
-    cluster.close()
+    cluster = RedisClusterNodes()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()

@@ -52,6 +52,10 @@ class CountingStore:
         self.calls.append("usage")
         return await self.inner.usage(*args)
 
+    async def ping(self) -> None:
+        self.calls.append("ping")
+        await self.inner.ping()
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,10 +17,12 @@ import redis.asyncio as aioredis
 
 from proxy.config import Limits, QuotasConfig, StoreErrorMode
 from proxy.errors import RateLimitError, ServiceUnavailableError
-from proxy.keys import KeyPolicy
-from proxy.quotas import QuotaService
-from proxy.store_redis import RedisQuotaStore, connect, parse_redis_url
+from proxy.issued_keys import IssuedKeys, KeySpec
+from proxy.keys import KeyPolicy, hash_key
+from proxy.quotas import PROBE_INTERVAL, QuotaService
+from proxy.store_redis import RedisDirectory, RedisQuotaStore, connect, parse_redis_url
 from tests.redis_fixtures import (  # noqa: F401
+    REDIS_SENTINEL,
     RedisClusterNodes,
     RedisServer,
     free_port,
@@ -60,6 +62,20 @@ async def timed(coro: object) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+async def until_reachable(quotas: QuotaService, within: float = 10.0) -> None:
+    """The first contact with a Cluster or a Sentinel takes a few round trips (slot map, master
+    address) that may not fit one short store timeout on a busy machine; later calls do."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await quotas.key_usage(policy("warm-up", rpm=1))
+            return
+        except ServiceUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def test_outage_fail_closed_is_a_fast_503_then_recovers(redis_server: RedisServer,  # noqa: F811
                                                               closing: list[QuotaService]) -> None:
     quotas = service(redis_server.url)
@@ -76,6 +92,26 @@ async def test_outage_fail_closed_is_a_fast_503_then_recovers(redis_server: Redi
     reservation = await quotas.reserve(p, 1)
     assert quotas.ready() and quotas.store_healthy()
     assert dict(reservation.headers)[b"x-ratelimit-remaining-requests"] == b"99"
+
+
+async def test_readiness_recovers_without_traffic(redis_server: RedisServer,  # noqa: F811
+                                                  closing: list[QuotaService]) -> None:
+    # An unready replica gets no requests (Kubernetes takes it out of its Service), so
+    # nothing but the background probe can notice that Redis is back.
+    quotas = service(redis_server.url)
+    closing.append(quotas)
+    redis_server.stop()
+    with pytest.raises(ServiceUnavailableError):
+        await quotas.reserve(policy(rpm=10), 1)
+    assert not quotas.ready()
+    await asyncio.sleep(PROBE_INTERVAL * 2)
+    assert not quotas.ready()  # still down: the probe keeps failing
+    redis_server.restart()
+    for _ in range(int((PROBE_INTERVAL * 4 + 1) / 0.05)):
+        if quotas.ready():
+            break
+        await asyncio.sleep(0.05)
+    assert quotas.ready() and quotas.store_healthy()
 
 
 async def test_outage_fail_open_admits_without_counting(redis_server: RedisServer,  # noqa: F811
@@ -160,6 +196,8 @@ async def test_lua_runs_on_a_three_node_cluster(redis_cluster: RedisClusterNodes
     closing.append(quotas)
     quotas_b = service(redis_cluster.url)
     closing.append(quotas_b)
+    for s in (quotas, quotas_b):
+        await until_reachable(s)
     for team in ("alpha", "beta", "gamma", None):  # different slots, so different nodes
         p = policy(f"k-{team}", team, rpm=5, tpm=1000, concurrency=3, tokens_per_day=10**6)
         admitted = 0
@@ -175,30 +213,59 @@ async def test_lua_runs_on_a_three_node_cluster(redis_cluster: RedisClusterNodes
         assert usage == {"rpm": 5, "tpm": 35, "concurrency": 0, "tokens_per_day": 35}
 
 
-async def test_sentinel_url_finds_the_master(tmp_path: Path, closing: list[QuotaService]) -> None:
-    master = RedisServer().start()
-    port = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
-    sentinel = subprocess.Popen(["redis-sentinel", str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+async def test_issued_keys_on_a_three_node_cluster(redis_cluster: RedisClusterNodes) -> None:  # noqa: F811
+    # The directory (hashes, an index set, an audit stream under one hash tag) and its
+    # change channel must work on Cluster too: a key issued by one replica reaches another.
+    a = IssuedKeys(RedisDirectory(connect(redis_cluster.url, 1.0), 1.0))
+    b = IssuedKeys(RedisDirectory(connect(redis_cluster.url, 1.0), 1.0))
     try:
-        quotas = service(f"redis+sentinel://127.0.0.1:{port}/mymaster")
-        closing.append(quotas)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await quotas.reserve(policy(rpm=5), 1)
+        await a.start()
+        await b.start()
+        key, secret = await a.create(KeySpec(name="on-cluster", limits=Limits(rpm=1)), "test")
+        for _ in range(200):
+            if b.find(hash_key(secret)) is not None:
                 break
-            except ServiceUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        assert [u.used for u in await quotas.key_usage(policy(rpm=5))] == [1]
+            await asyncio.sleep(0.01)
+        found = b.find(hash_key(secret))
+        assert found is not None and found.limits.rpm == 1
+        await a.revoke(key.id, "test")
+        for _ in range(200):
+            if b.find(hash_key(secret)) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert b.find(hash_key(secret)) is None
+        assert [e["action"] for e in await b.audit(2)] == ["key.revoke", "key.create"]
     finally:
-        sentinel.terminate()
-        sentinel.wait(5)
+        await a.close()
+        await b.close()
+
+
+@pytest.fixture
+def sentinel_port(tmp_path: Path) -> Iterator[int]:
+    """A master and one Sentinel monitoring it as 'mymaster'; both stopped even if set-up fails."""
+    master = RedisServer()
+    sentinel: subprocess.Popen[bytes] | None = None
+    try:
+        master.start()
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+        sentinel = subprocess.Popen([REDIS_SENTINEL, str(conf)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        yield port
+    finally:
+        if sentinel is not None:
+            sentinel.terminate()
+            sentinel.wait(5)
         master.close()
+
+
+async def test_sentinel_url_finds_the_master(sentinel_port: int, closing: list[QuotaService]) -> None:
+    quotas = service(f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster")
+    closing.append(quotas)
+    await until_reachable(quotas)
+    await quotas.reserve(policy(rpm=5), 1)
+    assert [u.used for u in await quotas.key_usage(policy(rpm=5))] == [1]
 
 
 _WORKER = textwrap.dedent("""
@@ -255,8 +322,9 @@ def test_redis_url_forms() -> None:
 
 async def test_unix_socket_url(tmp_path: Path, closing: list[QuotaService]) -> None:
     sock = tmp_path / "r.sock"
-    server = RedisServer(None, "--unixsocket", str(sock)).start()
+    server = RedisServer(None, "--unixsocket", str(sock))
     try:
+        server.start()
         quotas = service(f"unix://{sock}?db=0")
         closing.append(quotas)
         await quotas.reserve(policy(rpm=1), 1)
