@@ -226,11 +226,16 @@ class RedisDirectory:
         pubsub = self._client.pubsub()
         try:
             await bounded(pubsub.subscribe(CHANNEL), self._timeout, "subscribe")
-            yield ""
             while True:
-                message = await bounded(pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0),
-                                        self._timeout + 1.0, "directory changes")
-                if message is not None and message.get("type") == "message":
+                message = await bounded(pubsub.get_message(timeout=1.0), self._timeout + 1.0,
+                                        "directory changes")
+                kind = message.get("type") if message else None
+                if kind == "subscribe":
+                    # Also after redis-py reconnected by itself (a Redis restart): whatever was
+                    # published meanwhile is lost, so the reader reloads everything.
+                    yield ""
+                elif kind == "message":
+                    assert message is not None
                     yield _str(message["data"])
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
