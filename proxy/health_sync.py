@@ -37,9 +37,9 @@ Hold = tuple[str, State, float]  # upstream, state, until (epoch seconds)
 class HealthShare(Protocol):
     async def publish(self, hold: Hold) -> None: ...
 
-    async def snapshot(self) -> list[Hold]: ...
-
-    def changes(self) -> AsyncGenerator[Hold, None]: ...
+    def changes(self) -> AsyncGenerator[Hold, None]:
+        """Every hold in force when (re)subscribed, then each new one."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -82,12 +82,17 @@ class RedisHealthShare:
         try:
             await bounded(pubsub.subscribe(CHANNEL), self._timeout, "health subscribe")
             while True:
-                message = await bounded(pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0),
-                                        self._timeout + 1.0, "health changes")
-                if message is not None and message.get("type") == "message":
-                    hold = decode(_text(message["data"]))
-                    if hold is not None:
+                message = await bounded(pubsub.get_message(timeout=1.0), self._timeout + 1.0, "health changes")
+                kind = message.get("type") if message else None
+                if kind == "subscribe":
+                    # Also after redis-py reconnected by itself: holds published in the gap
+                    # are in the hash, not in the channel.
+                    for hold in await self.snapshot():
                         yield hold
+                elif kind == "message" and message is not None:
+                    change = decode(_text(message["data"]))
+                    if change is not None:
+                        yield change
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -158,8 +163,6 @@ class HealthSync:
         delay = 0.1
         while True:
             try:
-                for hold in await self._share.snapshot():
-                    self.apply(hold)
                 async for hold in self._share.changes():
                     delay = 0.1
                     self.apply(hold)

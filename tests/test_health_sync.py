@@ -20,9 +20,6 @@ from tests.stub_upstream import Behaviour, StubUpstream
 class _NoShare:
     async def publish(self, hold: Hold) -> None: ...
 
-    async def snapshot(self) -> list[Hold]:
-        return []
-
     async def changes(self) -> AsyncGenerator[Hold, None]:
         return
         yield
