@@ -48,6 +48,10 @@ _INTEGER_RANGES: tuple[tuple[str, int, int], ...] = (
     ("seed", *INT64),
 )
 _BOOLEANS = ("stream", "logprobs")
+# orjson parses any depth but serialises at most 255 levels of arrays and
+# objects, and the body is serialised again for the upstream: deeper bodies
+# are refused here (400) instead of failing there.
+_MAX_SERIALISABLE_DEPTH = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,19 @@ def _load(raw: bytes) -> dict[str, Any]:
     if type(body) is not dict:
         raise InvalidRequestError(
             f"Invalid type for the request body: expected a JSON object, but got {_kind(body)} instead.")
+    _check_depth(raw, body)
     return body
+
+
+def _check_depth(raw: bytes, body: dict[str, Any]) -> None:
+    # A body with fewer brackets than that cannot nest so deep: no cost for the usual ones.
+    if raw.count(b"[") + raw.count(b"{") <= _MAX_SERIALISABLE_DEPTH:
+        return
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:  # from a parsed body, only the depth limit can fail
+        raise InvalidRequestError(
+            f"Invalid body: the JSON is nested too deeply (at most {_MAX_SERIALISABLE_DEPTH} levels).") from None
 
 
 def _messages(messages: Any) -> int:

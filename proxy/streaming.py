@@ -46,9 +46,15 @@ class SseRelay:
         return b"".join(out)
 
     def leftover(self) -> bytes:
-        """An unterminated last event, sent as is when the upstream ends."""
-        rest, self._pending = self._pending, b""
-        return rest
+        """What to send of an unterminated last event when the upstream ends: nothing.
+
+        An SSE client never dispatches an event whose blank line did not come,
+        and sent before the error event that follows a cut, the half event
+        would merge with it into one event that is not JSON (the SDK then
+        raises a decoding error instead of the API error). So it is dropped.
+        """
+        self._pending = b""
+        return b""
 
     def _event(self, event: bytes, terminator: bytes) -> bytes:
         if event.startswith(_DONE):

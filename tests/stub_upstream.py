@@ -13,7 +13,15 @@ Behaviours (``stub.behave(mode, **options)`` for all requests, or
   (``delay`` between events), garbage (200 with a non-JSON body), html_error
   (502 text/html), error_200 (200 with an OpenAI error body), no_done
   (stream without ``[DONE]``), reset (connection closed before any answer),
-  no_usage (ignores include_usage, like some OpenAI-compatible servers).
+  no_usage (ignores include_usage, like some OpenAI-compatible servers),
+  truncated (200 JSON cut in half, with a matching Content-Length),
+  cut_body (the connection drops half-way through the body, or half-way
+  through event ``after`` of a stream), wrong_type (a stream answered as one
+  JSON body, a plain request answered as an event stream), garbage_sse (200
+  text/event-stream of bytes that are no SSE at all).
+
+``stub.response_headers`` are added to every chat answer (e.g. the headers a
+provider uses to name its account: ``openai-organization``, ``set-cookie``).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ class StubUpstream:
         self.in_flight = 0
         self.max_in_flight = 0
         self.models_status = 200  # what GET /v1/models (the active health check) answers
+        self.response_headers: dict[str, str] = {}  # added to every chat answer
         self.lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -105,12 +114,17 @@ class StubUpstream:
 
     async def _start(self) -> None:
         app = web.Application()
+        app.on_response_prepare.append(self._add_headers)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.endswith("/chat/completions"):
+            response.headers.update(self.response_headers)
 
     def _next(self) -> Behaviour:
         with self.lock:
@@ -164,6 +178,17 @@ async def _answer(stub: StubUpstream, request: web.Request, body: dict[str, Any]
         return _json(seen, {"error": {"message": "overloaded", "type": "server_error",
                                       "param": None, "code": None}}, 200)
     plan = mock.plan(body, stub.completion_tokens)
+    if b.mode == "truncated":
+        whole = mock.completion_body(plan)
+        return _raw(seen, whole[:len(whole) // 2], "application/json")
+    if b.mode == "wrong_type":
+        if body.get("stream"):
+            return _raw(seen, mock.completion_body(plan), "application/json")
+        return _raw(seen, b"".join(mock.stream_events(plan, False)), "text/event-stream")
+    if b.mode == "garbage_sse":
+        return _raw(seen, b"\x00\xffthis is not server-sent events at all" * 8, "text/event-stream")
+    if b.mode == "cut_body" and not body.get("stream"):
+        return await _cut_body(request, mock.completion_body(plan), seen)
     if b.mode == "hang_body" and not body.get("stream"):
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
@@ -185,6 +210,13 @@ async def _stream(request: web.Request, body: dict[str, Any], b: Behaviour, plan
     if b.mode == "hang_body":
         await asyncio.sleep(3600)
     for i, event in enumerate(events):
+        if b.mode == "cut_body" and i == opts.get("after", 2):
+            await resp.write(event[:len(event) // 2])
+            seen.sent += event[:len(event) // 2]
+            await asyncio.sleep(0.05)  # let the half event leave before the connection drops
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         if b.mode in ("cut", "stall") and i == opts.get("after", 2):
             if b.mode == "stall":
                 await asyncio.sleep(3600)
@@ -196,6 +228,19 @@ async def _stream(request: web.Request, body: dict[str, Any], b: Behaviour, plan
         await resp.write(event)
         seen.sent += event
     await resp.write_eof()
+    return resp
+
+
+async def _cut_body(request: web.Request, whole: bytes, seen: Seen) -> web.StreamResponse:
+    """Promise the whole body (Content-Length), send half, drop the connection."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = len(whole)
+    await resp.prepare(request)
+    await resp.write(whole[:len(whole) // 2])
+    seen.sent = whole[:len(whole) // 2]
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()
     return resp
 
 
