@@ -111,7 +111,12 @@ def test_access_log_is_one_json_line_per_request_without_secrets(
     httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
                                                          "x-request-id": "req-42"},
                json={"model": "m", "messages": MESSAGES})
-    lines = [line for line in gw.log().splitlines() if line.startswith('{"ts"')]
+    deadline = time.monotonic() + 5  # the line is written after the answer is sent
+    while True:
+        lines = [line for line in gw.log().splitlines() if line.startswith('{"ts"')]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(lines) == 1
     entry = orjson.loads(lines[0])
     assert entry["request_id"] == "req-42" and entry["status"] == 200 and entry["team"] == "team-a"
