@@ -40,27 +40,13 @@ def cooldown_seconds(headers: Mapping[str, str]) -> float:
 
 
 def parse_duration(text: str | None) -> float | None:
-    """OpenAI's reset format: "1s", "6m0s", "1h2m3.5s", "120ms"."""
+    """OpenAI's reset format ("1s", "6m0s", "1h2m3.5s", "120ms"; written by quotas.duration)."""
     if not text:
         return None
     parts = _DURATION_PART.findall(text.strip())
     if not parts or "".join(n + u for n, u in parts) != text.strip():
         return None
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of parse_duration, as OpenAI writes it."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    whole = int(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    frac = seconds - whole
-    sec_text = f"{secs + frac:.3g}s" if frac >= 0.001 else f"{secs}s"
-    if hours:
-        return f"{hours}h{minutes}m{sec_text}"
-    return f"{minutes}m{sec_text}" if minutes else sec_text
 
 
 def _number(text: str | None) -> float | None:

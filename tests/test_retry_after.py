@@ -3,7 +3,8 @@ from email.utils import format_datetime
 import pytest
 
 from proxy.config import utc_now
-from proxy.retry_after import DEFAULT_COOLDOWN, cooldown_seconds, format_duration, parse_duration
+from proxy.quotas import duration
+from proxy.retry_after import DEFAULT_COOLDOWN, cooldown_seconds, parse_duration
 
 
 @pytest.mark.parametrize(("headers", "expected"), [
@@ -27,11 +28,11 @@ def test_http_date_retry_after() -> None:
 
 @pytest.mark.parametrize("seconds", [0.12, 1, 59, 60, 61.5, 360, 3723])
 def test_duration_roundtrip(seconds: float) -> None:
-    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=0.001)
+    assert parse_duration(duration(round(seconds * 1000))) == pytest.approx(seconds, abs=0.001)
 
 
 def test_openai_duration_examples() -> None:
-    assert format_duration(360) == "6m0s"
+    assert duration(360_000) == "6m0s"
     assert parse_duration("6m0s") == 360
     assert parse_duration("1h") == 3600
     assert parse_duration("bogus") is None
