@@ -8,6 +8,7 @@ each carrying ``"usage":null`` as OpenAI sends them when the gateway asks for
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
@@ -128,6 +129,10 @@ def render(template: str, workdir: Path, name: str, **values: object) -> Path:
         raise ValueError(f"{template}: unfilled placeholder near {text[text.index('@@') :][:40]!r}")
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / f"{name}-tmp" / sub).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # As root, nginx's workers would drop to `nobody`, who cannot read a
+        # workdir under a private checkout (a fresh clone in a 0700 tempdir).
+        text = "user root;\n" + text
     out = workdir / f"{name}.conf"
     out.write_text(text)
     return out

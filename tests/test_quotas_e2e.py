@@ -493,7 +493,7 @@ def test_redis_killed_fail_open_keeps_serving(outage: Outage) -> None:
         wait_until(lambda: traffic.samples[-1].rate_headers, within=3.0)  # counted again
         traffic.wait_for(200, 5, within=5)
     samples = traffic.samples
-    assert {s.status for s in samples} == {200}
+    assert {s.status for s in samples} == {200}, gw.log()[-6000:]
     assert max(s.seconds for s in samples) < 1.5
     assert not all(s.rate_headers for s in samples[during:])  # admitted uncounted while Redis was away
     assert samples[-1].rate_headers  # and counted again once it was back
