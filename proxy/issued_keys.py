@@ -33,6 +33,7 @@ from .store import Directory, MemoryDirectory
 from .store_redis import RedisDirectory, connect
 
 DEFAULT_OVERLAP = timedelta(hours=24)
+MAX_OVERLAP = timedelta(days=365)
 _LIMIT_NAMES = ("rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month")
 _MAX_NAME = 128
 _MAX_METADATA = 4096
@@ -383,8 +384,11 @@ def parse_team(name: str, body: Any) -> TeamConfig:
 def parse_overlap(value: Any) -> timedelta:
     if value is None:
         return DEFAULT_OVERLAP
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise InvalidRequestError("'overlap_seconds' must be a number ≥ 0.", param="overlap_seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= MAX_OVERLAP.total_seconds():
+        raise InvalidRequestError(
+            f"'overlap_seconds' must be a number from 0 to {int(MAX_OVERLAP.total_seconds())} (one year).",
+            param="overlap_seconds")
     return timedelta(seconds=value)
 
 
@@ -445,7 +449,11 @@ def _time(value: Any, param: str) -> datetime | None:
 
 def _metadata(value: Any, param: str) -> dict[str, Any]:
     data = _object(value, param)
-    if len(orjson.dumps(data)) > _MAX_METADATA:
+    try:
+        encoded = orjson.dumps(data)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
+        raise InvalidRequestError(f"'{param}' is nested too deeply.", param=param) from None
+    if len(encoded) > _MAX_METADATA:
         raise InvalidRequestError(f"'{param}' must be at most {_MAX_METADATA} bytes of JSON.", param=param)
     return data
 

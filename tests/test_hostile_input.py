@@ -346,9 +346,6 @@ def test_many_large_headers_are_answered_without_a_crash(gw: GatewayProcess) -> 
     assert httpx.get(gw.url + "/healthz").status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (proxy/issued_keys.py: parse_overlap, _metadata): admin input that overflows a datetime, or "
-    "metadata nested deeper than orjson serialises, is a 500 instead of a 400"))
 def test_admin_input_out_of_range_is_a_400(gateway: Callable[..., GatewayProcess], stub: StubUpstream) -> None:
     own = gateway(f"""
 admin_key: {ADMIN}

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import Limits, TeamConfig, parse_config
 from proxy.errors import AuthenticationError, InvalidRequestError, NotFoundError
-from proxy.issued_keys import IssuedKey, IssuedKeys, KeySpec, apply_changes, parse_key_spec, parse_team
+from proxy.issued_keys import IssuedKey, IssuedKeys, KeySpec, apply_changes, parse_key_spec, parse_overlap, parse_team
 from proxy.keys import Authenticator, StaticKeys, hash_key
 from proxy.store import Directory, MemoryDirectory
 from proxy.store_redis import RedisDirectory, connect
@@ -186,16 +186,38 @@ def test_records_round_trip() -> None:
     assert "b" * 64 not in str(key.public()) and "secret" not in str(key.public()).replace("previous_secret", "")
 
 
+def _nested(depth: int) -> object:
+    value: object = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({}, "name"), ({"name": ""}, "name"), ({"name": "x", "limits": {"rpm": -1}}, "limits.rpm"),
     ({"name": "x", "limits": {"rps": 1}}, "rps"), ({"name": "x", "models": "gpt-4o"}, "models"),
     ({"name": "x", "expires_at": "tomorrow"}, "expires_at"), ({"name": "x", "metadata": [1]}, "metadata"),
     ({"name": "x", "secret": "mine"}, "secret"), ({"name": "x", "limits": {"tpm": True}}, "limits.tpm"),
+    ({"name": "x", "metadata": {"a": "b" * 5000}}, "metadata"),
+    ({"name": "x", "metadata": {"deep": _nested(300)}}, "metadata"),
 ])
 def test_invalid_specs_name_the_field(body: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
         parse_key_spec(body)
     assert err.value.param == param and err.value.status == 400
+
+
+@pytest.mark.parametrize("value", [-1, 1e12, float("nan"), True, "60"])
+def test_an_overlap_out_of_range_is_a_400(value: object) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        parse_overlap(value)
+    assert err.value.param == "overlap_seconds" and err.value.status == 400
+
+
+def test_an_overlap_within_a_year_is_taken() -> None:
+    assert parse_overlap(None) == timedelta(hours=24)
+    assert parse_overlap(0) == timedelta(0)
+    assert parse_overlap(365 * 86400) == timedelta(days=365)
 
 
 def test_patch_merges_limits_and_team_body_is_checked() -> None:
