@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -19,12 +19,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .auth_guard import AuthFailureGuard
 from .config import Config, TeamConfig
 from .errors import (
     AuthenticationError,
     InvalidRequestError,
     NotFoundError,
     ProxyError,
+    RateLimitError,
     RequestTooLargeError,
     ServiceUnavailableError,
 )
@@ -42,6 +44,8 @@ class AdminContext:
     quotas: QuotaService
     keys: IssuedKeys
     upstreams: Callable[[], list[dict[str, Any]]] = list  # each upstream's live state
+    # Stricter than the API's guard: the admin key is one secret that unlocks everything.
+    guard: AuthFailureGuard = field(default_factory=lambda: AuthFailureGuard(burst=10, per_second=0.2))
 
 
 Handler = Callable[[AdminContext, Request, str], Awaitable[Response]]
@@ -70,7 +74,7 @@ def admin_routes(admin: AdminContext) -> list[BaseRoute]:
 def _guarded(admin: AdminContext, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            actor = _authorize(admin.config(), request)
+            actor = _authorize(admin.config(), request, admin.guard)
             return await handler(admin, request, actor)
         except ProxyError as exc:
             return Response(exc.body(), exc.status, headers={k.decode(): v.decode() for k, v in exc.headers},
@@ -79,13 +83,17 @@ def _guarded(admin: AdminContext, handler: Handler) -> Callable[[Request], Await
     return endpoint
 
 
-def _authorize(config: Config, request: Request) -> str:
-    """The acting admin's name for the audit log, or a 404 (API disabled) / 401."""
+def _authorize(config: Config, request: Request, guard: AuthFailureGuard) -> str:
+    """The acting admin's name for the audit log, or a 404 (API disabled) / 401 / 429."""
     if not config.admin_key:
         raise NotFoundError(f"Invalid URL ({request.method} {request.url.path}).", code="unknown_url")
     header = request.headers.get("authorization")
     token = bearer_token(header.encode("latin-1") if header is not None else None)
     if not hmac.compare_digest(token.encode(), config.admin_key.encode()):
+        wait = guard.failed(request.client.host if request.client else "unknown")
+        if wait:
+            raise RateLimitError("Too many failed admin authentication attempts from this address.",
+                                 code="auth_failures", headers=[(b"retry-after", b"%d" % wait)])
         raise AuthenticationError("Incorrect admin key provided.")
     name = "".join(c for c in request.headers.get(_ACTOR_HEADER, "admin")[:64] if c.isprintable()) or "admin"
     return f"{name}@{request.client.host if request.client else 'unknown'}"

@@ -100,6 +100,16 @@ async def test_admin_api_is_401_without_the_admin_key(pair: tuple[Replica, Repli
     assert await pair[0].keys.keys() == []
 
 
+async def test_a_flood_of_wrong_admin_keys_is_slowed_but_the_admin_key_still_works(
+        pair: tuple[Replica, Replica]) -> None:
+    statuses = [(await pair[0].http.get("/admin/keys", headers={"authorization": f"Bearer guess-{i}"}))
+                for i in range(15)]
+    assert [r.status_code for r in statuses] == [401] * 10 + [429] * 5
+    refused = statuses[-1]
+    assert refused.json()["error"]["code"] == "auth_failures" and int(refused.headers["retry-after"]) >= 1
+    assert (await pair[0].http.get("/admin/keys", headers=AUTH)).status_code == 200
+
+
 async def test_create_then_the_key_works_everywhere_and_its_secret_is_shown_once(
         pair: tuple[Replica, Replica]) -> None:
     one, two = pair
