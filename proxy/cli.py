@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .accesslog import configure_access_log
     from .app import create_app
     from .config import telemetry_from_process_env
+    from .http_protocol import limited_protocol
     from .server import GatewayServer
     from .telemetry import Telemetry
 
@@ -82,7 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
                                   config.logging.access_format)
     telemetry = Telemetry.build(telemetry_from_process_env(), access)
     app = create_app(config, config_path=args.config, telemetry=telemetry, logger=log)
-    settings = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+    # One protocol class serves every socket below: header size and header-read time are bounded.
+    http = limited_protocol(config.server.max_header_bytes, config.server.header_timeout)
+    settings = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http=http,
                               lifespan="on", log_level=level, access_log=False,
                               server_header=False, date_header=False,
                               timeout_graceful_shutdown=int(config.server.shutdown_grace) or None)

@@ -370,14 +370,19 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
 
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
-    d = r.mapping(raw, path, {"max_body_bytes", "body_timeout", "shutdown_delay", "shutdown_grace",
-                              "reload_interval", "admin_port"}, optional=True) or {}
+    d = r.mapping(raw, path, {"max_body_bytes", "body_timeout", "header_timeout", "max_header_bytes",
+                              "shutdown_delay", "shutdown_grace", "reload_interval", "admin_port"},
+                  optional=True) or {}
     dflt = ServerConfig()
     return ServerConfig(
         max_body_bytes=r.integer(d.get("max_body_bytes", dflt.max_body_bytes),
                                  f"{path}.max_body_bytes", minimum=1024),
         body_timeout=r.number(d.get("body_timeout", dflt.body_timeout), f"{path}.body_timeout",
                               minimum=0, exclusive=True),
+        header_timeout=r.number(d.get("header_timeout", dflt.header_timeout), f"{path}.header_timeout",
+                                minimum=0, exclusive=True),
+        max_header_bytes=r.integer(d.get("max_header_bytes", dflt.max_header_bytes),
+                                   f"{path}.max_header_bytes", minimum=1024),
         admin_port=r.optional_int(d.get("admin_port"), f"{path}.admin_port", minimum=1),
         **{n: r.number(d.get(n, getattr(dflt, n)), f"{path}.{n}", minimum=0)
            for n in ("shutdown_delay", "shutdown_grace", "reload_interval")},

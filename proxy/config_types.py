@@ -132,6 +132,8 @@ class QuotasConfig:
 class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     body_timeout: float = 30.0  # a client must deliver its whole body within this (slow-body defence)
+    header_timeout: float = 10.0  # request line + headers within this of the connection or request starting (408)
+    max_header_bytes: int = 64 * 1024  # request line and headers together; larger blocks get 431
     shutdown_delay: float = 5.0  # after SIGTERM: not ready, still serving
     shutdown_grace: float = 30.0  # then: in-flight requests and streams may finish for this long
     reload_interval: float = 2.0  # seconds between config file checks; 0: only on SIGHUP

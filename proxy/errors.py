@@ -60,6 +60,11 @@ class RequestTooLargeError(InvalidRequestError):
     code = "request_too_large"
 
 
+class RequestHeaderFieldsTooLargeError(InvalidRequestError):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
 class RequestTimeoutError(InvalidRequestError):
     status = 408
     code = "request_timeout"

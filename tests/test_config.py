@@ -36,6 +36,17 @@ def test_defaults() -> None:
     assert c.redis_url is None and c.admin_key is None and c.quotas.on_store_error == "fail_closed"
 
 
+def test_server_header_limits() -> None:
+    server = parse_config(MINIMAL, {}).server
+    assert (server.header_timeout, server.max_header_bytes) == (10.0, 65536)
+    server = parse_config(MINIMAL + "server: {header_timeout: 2.5, max_header_bytes: 32768}\n", {}).server
+    assert (server.header_timeout, server.max_header_bytes) == (2.5, 32768)
+    assert _problems(MINIMAL + "server: {header_timeout: 0, max_header_bytes: 512}\n") == [
+        "server.header_timeout: must be > 0", "server.max_header_bytes: must be >= 1024"]
+    assert _problems(MINIMAL + "server: {header_timeout: soon, max_header_bytes: 64k}\n") == [
+        "server.header_timeout: must be a number", "server.max_header_bytes: must be an integer"]
+
+
 def test_environment_substitution_with_defaults() -> None:
     text = """
 redis_url: ${REDIS_URL:-redis://localhost:6379/0}

@@ -1,0 +1,175 @@
+"""uvicorn's httptools protocol with a header-size limit and a header-read timeout.
+
+uvicorn reads a request's header block whole however large it is, and keeps a
+connection that never finishes its headers for ever. This subclass bounds both:
+
+* ``max_header_bytes``: a request line and headers larger than this get 431
+  (an OpenAI-format error) and the connection is closed. An unfinished block
+  is refused as soon as the reads that surely belong to it pass the limit, so
+  the parser never holds more than the limit plus two reads (uvloop reads up
+  to 256 kB at a time); a finished one is measured as parsed, so whether a
+  request passes does not depend on how the network cut it into reads.
+* ``header_timeout``: from the moment a connection opens, or the first byte of
+  a request arrives on a kept-alive one, the whole header block must arrive
+  within this (408). A connection that sends nothing is closed without an
+  answer, as is one that trickles bytes that start no request (stray line
+  breaks, the rest of a body already answered). Between requests uvicorn's
+  keep-alive timeout applies as before; while the application works on a
+  request (body, answer, stream) no deadline runs: ``server.body_timeout``
+  and the upstream timeouts bound that.
+
+A refused connection is closed gracefully: the answer is sent, the write side
+shut, and whatever the client still sends is read and dropped for up to
+``LINGER_SECONDS``, so it reads the answer rather than a reset. When an answer
+to an earlier request is still being sent on the connection (pipelining), that
+answer is finished first and the connection closed after it.
+
+The timers are ``loop.call_later`` handles: one per connection, plus one per
+request only when its headers arrive in more than one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .errors import ProxyError, RequestHeaderFieldsTooLargeError, RequestTimeoutError
+
+LINGER_SECONDS = 2.0
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop the parser after a refusal."""
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """Use :func:`limited_protocol` to get a subclass with the configured limits."""
+
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+
+    _read_size = 0  # length of the read being parsed
+    _in_head = False  # between a request's first byte and the end of its headers
+    _head_bytes = 0  # reads that began inside the open header block: no more than its size
+    _head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
+    _done = False  # refused: nothing more is parsed here
+    _deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's own data_received, with the accounting around the parser's feed (no super() call:
+        # a refusal from a parser callback must stop the parser without uvicorn's 400 and its warning).
+        if self._done:
+            return  # lingering after a refusal: read and drop
+        self._unset_keepalive_if_required()
+        self._read_size = size = len(data)
+        if self._in_head:
+            self._head_bytes += size
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self._done:  # else refused from a callback, which raised to stop the parser
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+                return  # the connection is the WebSocket protocol's now
+            self._unsupported_upgrade_warning()
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse_too_large()
+            elif self._deadline is None:
+                self._arm_deadline()
+        elif self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            # Bytes that start no request (uvicorn has just dropped its keep-alive timer for them).
+            self._arm_deadline()
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_slack = self._read_size
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._deadline is not None:
+            self._cancel_deadline()
+        if self._head_bytes + self._head_slack > self.max_header_bytes and self._parsed_size() > self.max_header_bytes:
+            self._refuse_too_large()
+            raise _Refused  # stops the parser: nothing after this head is read
+        super().on_headers_complete()
+
+    def _parsed_size(self) -> int:
+        """The request line and headers as parsed: their size, give or take optional spaces."""
+        size = len(self.parser.get_method()) + len(self.url) + 14  # spaces, HTTP/1.1, line breaks
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+        return size
+
+    def _arm_deadline(self) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _header_timeout_expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if not self._in_head:  # no request was begun: nothing to answer
+            self.transport.close()
+            return
+        self.logger.debug("%s: request headers incomplete after %gs; 408", self._peer(), self.header_timeout)
+        self._refuse(RequestTimeoutError(
+            f"The request's headers did not arrive within {self.header_timeout:g} s."))
+
+    def _refuse_too_large(self) -> None:
+        self.logger.info("%s: request headers over %d bytes; 431", self._peer(), self.max_header_bytes)
+        self._refuse(RequestHeaderFieldsTooLargeError(
+            f"The request's headers are larger than the gateway accepts ({self.max_header_bytes} bytes)."))
+
+    def _refuse(self, error: ProxyError) -> None:
+        self._cancel_deadline()
+        self._done = True
+        self._in_head = False
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # finish the answer under way, then close
+            return
+        body = error.body()
+        head = [STATUS_LINE[error.status]]
+        head.extend(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(body))
+        self.transport.write(b"".join(head) + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._deadline = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def _peer(self) -> str:
+        return "%s:%d" % self.client if self.client else "client"
+
+
+def limited_protocol(max_header_bytes: int, header_timeout: float) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class to give ``uvicorn.Config(http=...)``, bound to these limits."""
+
+    class Limited(LimitedHttpToolsProtocol):
+        pass
+
+    Limited.max_header_bytes = max_header_bytes
+    Limited.header_timeout = header_timeout
+    return Limited

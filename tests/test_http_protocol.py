@@ -1,0 +1,318 @@
+"""The header limits of proxy/http_protocol.py, over real sockets.
+
+A uvicorn server runs in a thread on uvloop (as the gateway does) with a tiny
+ASGI app and small limits, so each case takes about a second; the hostile
+input suite checks the same limits against a whole gateway process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import pytest
+import uvicorn
+import uvloop
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.http_protocol import LINGER_SECONDS, LimitedHttpToolsProtocol, limited_protocol
+from tests.gateway_process import GatewayProcess
+from tests.stub_upstream import free_port
+
+MAX_HEADER_BYTES = 4096
+HEADER_TIMEOUT = 1.0
+KEEP_ALIVE = 5.0
+SLOW = 1.5  # /slow answers after this: longer than the header timeout
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body, answers ``<path> <body size>``; accepts WebSockets."""
+    if scope["type"] == "websocket":
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()  # until the client goes
+        return
+    assert scope["type"] == "http"
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    if scope["path"] == "/slow":
+        await asyncio.sleep(SLOW)
+    body = f"{scope['path']} {size}".encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=limited_protocol(MAX_HEADER_BYTES, HEADER_TIMEOUT), lifespan="off",
+                            log_level="warning", access_log=False, timeout_keep_alive=int(KEEP_ALIVE))
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(server.serve(sockets=[sock]))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@contextlib.contextmanager
+def connect(port: int, timeout: float = 5) -> Iterator[tuple[socket.socket, BinaryIO]]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock, sock.makefile("rb") as reader:
+        yield sock, reader
+
+
+def read_response(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    status_line = reader.readline()
+    if not status_line:
+        raise EOFError("connection closed")
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, reader.read(int(headers.get("content-length", 0)))
+
+
+def get(path: str = "/", extra: bytes = b"") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + extra + b"\r\n"
+
+
+def closed_within(reader: BinaryIO, seconds: float) -> bytes:
+    """What the server sends until it closes; fails if it is still open after ``seconds``."""
+    started = time.monotonic()
+    rest = reader.read()  # until EOF (or the socket's timeout raises)
+    assert time.monotonic() - started < seconds
+    return rest
+
+
+# --- wiring ----------------------------------------------------------------------------
+
+
+def test_limited_protocol_binds_the_limits_to_a_subclass() -> None:
+    cls = limited_protocol(1234, 2.5)
+    assert issubclass(cls, LimitedHttpToolsProtocol) and issubclass(cls, HttpToolsProtocol)
+    assert (cls.max_header_bytes, cls.header_timeout) == (1234, 2.5)
+    assert (LimitedHttpToolsProtocol.max_header_bytes, LimitedHttpToolsProtocol.header_timeout) == (65536, 10.0)
+    config = uvicorn.Config(app, http=cls)
+    config.load()
+    assert config.http_protocol_class is cls
+
+
+def test_the_gateway_serves_both_its_ports_with_the_configured_limits() -> None:
+    admin_port = free_port()
+    gw = GatewayProcess(f"""
+admin_key: sk-admin-key-for-the-protocol-test
+upstreams: [{{name: a, base_url: 'http://127.0.0.1:9/v1', models: [m]}}]
+server: {{header_timeout: 0.5, max_header_bytes: 2048, admin_port: {admin_port}, shutdown_delay: 0}}
+""")
+    try:
+        gw.start()
+        for p in (gw.port, admin_port):
+            with connect(p) as (sock, reader):
+                sock.sendall(get("/healthz", b"X-Pad: " + b"p" * 3000 + b"\r\n"))
+                assert read_response(reader)[0] == 431
+            with connect(p) as (sock, reader):
+                sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+                started = time.monotonic()
+                assert read_response(reader)[0] == 408
+                assert time.monotonic() - started < 1.5
+    finally:
+        gw.close()
+
+
+# --- what still works ------------------------------------------------------------------
+
+
+def test_keep_alive_serves_requests_after_an_idle_pause_longer_than_the_header_timeout(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/one"))
+        assert read_response(reader)[::2] == (200, b"/one 0")
+        time.sleep(HEADER_TIMEOUT + 0.5)  # idle between requests: the keep-alive timeout's business
+        sock.sendall(get("/two"))
+        assert read_response(reader)[::2] == (200, b"/two 0")
+
+
+def test_pipelined_requests_are_answered_in_order(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/a") + get("/b") + b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" + get("/d"))
+        assert [read_response(reader)[2] for _ in range(4)] == [b"/a 0", b"/b 0", b"/c 3", b"/d 0"]
+
+
+def test_headers_dribbled_within_the_timeout_are_served(port: int) -> None:
+    with connect(port) as (sock, reader):
+        request = get("/dribbled", b"X-Pad: " + b"p" * 40 + b"\r\n")
+        for i in range(0, len(request), 8):  # in 11 pieces over about a quarter of the timeout
+            sock.sendall(request[i:i + 8])
+            time.sleep(HEADER_TIMEOUT / 40)
+        assert read_response(reader)[::2] == (200, b"/dribbled 0")
+        sock.sendall(get("/again"))  # and the connection is kept
+        assert read_response(reader)[::2] == (200, b"/again 0")
+
+
+def test_a_header_block_under_the_limit_is_served(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/", b"X-Pad: " + b"p" * (MAX_HEADER_BYTES - 100) + b"\r\n"))
+        assert read_response(reader)[0] == 200
+
+
+def test_body_bytes_do_not_count_toward_the_header_limit(port: int) -> None:
+    body = b"b" * (MAX_HEADER_BYTES * 50)
+    with connect(port) as (sock, reader):
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert read_response(reader)[::2] == (200, b"/upload %d" % len(body))
+        sock.sendall(get("/after"))
+        assert read_response(reader)[::2] == (200, b"/after 0")
+
+
+def test_a_head_that_starts_behind_a_large_body_is_measured_alone(port: int) -> None:
+    body = b"b" * (MAX_HEADER_BYTES * 20)
+    with connect(port) as (sock, reader):
+        # One write: a body far over the header limit, then the start of the next request's head.
+        sock.sendall(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                     + b"GET /next HTTP/1.1\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"Host: x\r\n\r\n")
+        assert [read_response(reader)[::2] for _ in range(2)] == [(200, b"/big %d" % len(body)), (200, b"/next 0")]
+
+
+def test_an_answer_that_takes_longer_than_the_header_timeout_is_not_cut(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/slow"))
+        assert read_response(reader)[::2] == (200, b"/slow 0")
+
+
+# --- the limits ------------------------------------------------------------------------
+
+
+def test_a_header_block_over_the_limit_is_431_and_the_sender_reads_it(port: int) -> None:
+    with connect(port) as (sock, reader):
+        # Far more than the limit, sent whole: the server drops the rest unread, and the client still
+        # gets the answer rather than a reset.
+        sock.sendall(get("/", b"X-Pad: " + b"p" * 2_000_000 + b"\r\n"))
+        status, headers, body = read_response(reader)
+        assert status == 431 and headers["connection"] == "close"
+        assert headers["content-type"] == "application/json"
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("invalid_request_error", "request_header_fields_too_large")
+        assert str(MAX_HEADER_BYTES) in error["message"]
+        sock.shutdown(socket.SHUT_WR)  # the client is done: the server stops lingering at once
+        assert closed_within(reader, 1) == b""
+
+
+def test_a_header_block_over_the_limit_is_431_however_it_arrives(port: int) -> None:
+    pad = b"X-Pad: " + b"p" * (MAX_HEADER_BYTES + 100) + b"\r\n"
+    for pieces in (1, 3):  # in one read, or in several
+        with connect(port) as (sock, reader):
+            request = get("/too-large", pad) + get("/pipelined")  # nothing behind a refused head is served
+            step = -(-len(request) // pieces)
+            for i in range(0, len(request), step):
+                sock.sendall(request[i:i + step])
+                time.sleep(0.05)
+            assert read_response(reader)[0] == 431
+            sock.shutdown(socket.SHUT_WR)
+            assert closed_within(reader, 1) == b""
+
+
+def test_a_header_block_that_never_ends_is_431_before_the_timeout(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for _ in range(MAX_HEADER_BYTES // 100 * 3):  # header lines, one at a time, never the blank line
+            try:
+                sock.sendall(b"X-Filler: " + b"v" * 90 + b"\r\n")
+            except OSError:
+                break
+        assert read_response(reader)[0] == 431
+        assert time.monotonic() - started < HEADER_TIMEOUT
+        assert closed_within(reader, LINGER_SECONDS + 1) == b""  # the client neither closes nor sends
+
+
+def test_headers_unfinished_at_the_timeout_get_408_then_the_close(port: int) -> None:
+    with connect(port) as (sock, reader):
+        started = time.monotonic()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(int(HEADER_TIMEOUT * 4)):  # still sending: bytes do not extend the deadline
+            time.sleep(0.2)
+            sock.sendall(b"X")
+        status, headers, body = read_response(reader)
+        assert status == 408 and headers["connection"] == "close"
+        assert HEADER_TIMEOUT - 0.05 < time.monotonic() - started < HEADER_TIMEOUT + 1
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert closed_within(reader, 1) == b""
+
+
+def test_headers_unfinished_on_a_kept_alive_connection_get_408(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/first"))
+        assert read_response(reader)[0] == 200
+        sock.sendall(b"GET /second HTTP/1.1\r\n")
+        started = time.monotonic()
+        assert read_response(reader)[0] == 408
+        assert time.monotonic() - started < HEADER_TIMEOUT + 1
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(port: int) -> None:
+    with connect(port) as (_, reader):
+        assert closed_within(reader, HEADER_TIMEOUT + 1) == b""
+
+
+def test_bytes_that_start_no_request_do_not_hold_a_kept_alive_connection(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/"))
+        assert read_response(reader)[0] == 200
+        sock.settimeout(0.2)
+        started = time.monotonic()
+        while time.monotonic() - started < KEEP_ALIVE + 2:  # line breaks, each cancelling the keep-alive
+            sock.sendall(b"\r\n")
+            with contextlib.suppress(TimeoutError):
+                if sock.recv(1024) == b"":
+                    break
+        assert time.monotonic() - started < HEADER_TIMEOUT + 1
+
+
+def test_a_stalled_pipelined_head_ends_the_connection_after_the_answer_in_flight(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/slow") + b"GET /next HTTP/1.1\r\nHost: x\r\n")  # the second never ends
+        assert read_response(reader)[::2] == (200, b"/slow 0")  # not cut, no 408 inside it
+        assert closed_within(reader, 1) == b""
+
+
+
+def test_a_pipelined_head_over_the_limit_ends_the_connection_after_the_answer_in_flight(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/slow") + get("/too-large", b"X-Pad: " + b"p" * (MAX_HEADER_BYTES * 2) + b"\r\n"))
+        assert read_response(reader)[::2] == (200, b"/slow 0")  # not cut, no 431 inside it
+        assert closed_within(reader, 1) == b""
+
+
+def test_an_upgraded_connection_is_left_to_the_websocket_protocol(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/ws", b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"))
+        assert read_response(reader)[0] == 101
+        sock.settimeout(HEADER_TIMEOUT + 0.5)
+        with pytest.raises(TimeoutError):  # neither 408 nor the close
+            sock.recv(1024)
