@@ -100,6 +100,8 @@ class Report:
     fds_idle_after_warmup: int = 0
     fds_idle_end: int = 0
     fds_max: int = 0
+    sockets_idle_after_warmup: dict[str, int] = field(default_factory=dict)
+    sockets_idle_end: dict[str, int] = field(default_factory=dict)
     threads_idle_after_warmup: int = 0
     threads_idle_end: int = 0
     threads_max: int = 0
@@ -114,6 +116,26 @@ def _proc_status(pid: int) -> dict[str, str]:
         name, _, value = line.partition(":")
         fields[name] = value.strip()
     return fields
+
+
+def _sockets_by_peer(pid: int, names: dict[int, str]) -> dict[str, int]:
+    """The process's TCP connections counted by whom they go to (a port's name, else 'clients')."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers: Counter[str] = Counter()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "01":  # ESTABLISHED
+                port = int(fields[2].rsplit(":", 1)[1], 16)
+                peers[names.get(port, "clients")] += 1
+    return dict(sorted(peers.items()))
 
 
 def _in_flight(metrics: str) -> float:
@@ -315,12 +337,17 @@ def soak(seconds: float, rate: float, keys_count: int, rss_tolerance_mib: float)
 
         warm_up = max(10.0, seconds / 4)
         outcomes = asyncio.run(drive(gw, keys, warm_up, rate, tick))
+        peers = {redis.port: "redis", failing.port: "failing upstream",
+                 **{stub.port: f"upstream {i}" for i, stub in enumerate(healthy)}}
         time.sleep(IDLE_PAUSE)
         idle_before = sample(gw, started)
+        assert gw.proc is not None
+        report.sockets_idle_after_warmup = _sockets_by_peer(gw.proc.pid, peers)
         main_from = time.monotonic() - started
         outcomes += asyncio.run(drive(gw, keys, seconds - warm_up, rate, tick))
         time.sleep(IDLE_PAUSE)
         idle_after = sample(gw, started)
+        report.sockets_idle_end = _sockets_by_peer(gw.proc.pid, peers)
         judge(report, samples, outcomes, int(rss_tolerance_mib * 1024), main_from)
         report.fds_idle_after_warmup, report.fds_idle_end = idle_before.fds, idle_after.fds
         report.threads_idle_after_warmup, report.threads_idle_end = idle_before.threads, idle_after.threads
