@@ -225,7 +225,7 @@ class _Direct:
 
         async def run() -> Any:
             keys = IssuedKeys(RedisDirectory(connect(self._url, timeout), timeout))
-            quotas = QuotaService(RedisQuotaStore(connect(self._url, timeout), timeout), self._settings)
+            quotas = QuotaService(RedisQuotaStore.from_url(self._url, timeout), self._settings)
             try:
                 return await action(keys, quotas)
             finally:

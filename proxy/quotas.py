@@ -5,6 +5,14 @@ limits at once (see ``store.py`` for their exact rules); ``Reservation.settle``
 makes one more that replaces the estimate with the actual usage and releases
 the concurrency lease. A policy without limits costs no store call at all.
 
+A reserve that fails after it was sent may still have been run by the store
+(its answer came after ``store_timeout``, or the connection dropped after the
+write): the request is refused or admitted uncounted, so a background
+``release`` undoes that charge, if there is one (see ``store.py``), rather
+than leave the estimate and the lease charged until ``lease_ttl``. It is
+retried a few times while the store is failing; a release given up is logged
+(``quota release failed``) and its lease expires by itself.
+
 When the store fails, ``quotas.on_store_error`` decides: ``fail_closed``
 answers 503, ``fail_open`` admits without counting. While the store is
 failing, one request at a time probes it and the others do not wait, so an
@@ -17,7 +25,6 @@ Service), so without it ``/readyz`` would never recover on its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -29,10 +36,14 @@ from .config import Config, Limits, QuotasConfig
 from .errors import Header, RateLimitError, ServiceUnavailableError
 from .keys import KeyPolicy
 from .store import Admission, Check, CheckState, Kind, MemoryQuotaStore, Plan, QuotaStore
-from .store_redis import RedisQuotaStore, connect
+from .store_redis import RedisQuotaStore
 
 T = TypeVar("T")
 PROBE_INTERVAL = 0.5  # seconds between background pings of a failing store
+RELEASE_ATTEMPTS = 6  # a release that keeps failing is given up after these...
+RELEASE_BACKOFF = 0.1  # ...with this wait before the second, doubled before each next (3.1 s in all)
+MAX_CACHED_PLANS = 10_000
+MAX_PENDING_RELEASES = 1000  # beyond this, a release is dropped (logged) and its lease expires by itself
 _FIELDS: tuple[tuple[str, Kind], ...] = (
     ("rpm", "rpm"), ("tpm", "tpm"), ("concurrency", "concurrency"),
     ("tokens_per_day", "day"), ("tokens_per_month", "month"),
@@ -121,19 +132,34 @@ class QuotaService:
         self._healthy = True
         self._probing = False
         self._prober: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
+        self._plans: dict[str, tuple[KeyPolicy, Plan | None]] = {}
+        self._closing = False
 
     async def reserve(self, policy: KeyPolicy, estimate_tokens: int) -> Reservation:
-        plan = plan_for(policy)
+        plan = self._plan(policy)
         if plan is None:
             return Reservation()
         lease = secrets.token_hex(8)
         estimate = max(0, estimate_tokens)
+        sent = False
+
+        def call() -> Awaitable[Admission]:
+            nonlocal sent
+            sent = True
+            return self._store.reserve(plan, lease, estimate, self._lease_ttl_ms())
+
         try:
-            admission = await self._call("reserve", lambda: self._store.reserve(
-                plan, lease, estimate, int(self._settings.lease_ttl * 1000)), probe=True)
+            admission = await self._call("reserve", call, probe=True)
         except ServiceUnavailableError:
+            if sent:  # the store may have run it all the same
+                self._release_later(plan, lease)
             if self._settings.on_store_error == "fail_open":
                 return Reservation()
+            raise
+        except asyncio.CancelledError:
+            if sent:
+                self._release_later(plan, lease)
             raise
         headers = rate_headers(plan, admission.states)
         if not admission.admitted:
@@ -150,6 +176,46 @@ class QuotaService:
         except ServiceUnavailableError as exc:
             # The lease expires by itself (lease_ttl) and the estimate stays charged.
             self._log.warning("quota settle failed: %s", exc.message)
+
+    def _plan(self, policy: KeyPolicy) -> Plan | None:
+        # Policies are frozen and long-lived (config, issued-key cache): the same object
+        # gets the same plan. A changed policy is a new object and gets a new one.
+        hit = self._plans.get(policy.id)
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        if len(self._plans) >= MAX_CACHED_PLANS:
+            self._plans.clear()
+        plan = plan_for(policy)
+        self._plans[policy.id] = (policy, plan)
+        return plan
+
+    def _lease_ttl_ms(self) -> int:
+        return int(self._settings.lease_ttl * 1000)
+
+    def _release_later(self, plan: Plan, lease: str) -> None:
+        """Undo a reservation whose answer was lost, in the background (the request does not wait)."""
+        if len(self._releases) >= MAX_PENDING_RELEASES:
+            self._log.warning("quota release failed: %d releases pending already; the lease expires "
+                              "by itself (lease_ttl)", len(self._releases))
+            return
+        task = asyncio.get_running_loop().create_task(self._release(plan, lease))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, plan: Plan, lease: str) -> None:
+        wait = RELEASE_BACKOFF
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
+                await self._call("release", lambda: self._store.release(plan, lease, self._lease_ttl_ms()),
+                                 probe=False)
+                return
+            except ServiceUnavailableError as exc:
+                if attempt == RELEASE_ATTEMPTS or self._closing:
+                    self._log.warning("quota release failed: %s; the lease expires by itself (lease_ttl)",
+                                      exc.message)
+                    return
+            await asyncio.sleep(wait)
+            wait *= 2
 
     async def key_usage(self, policy: KeyPolicy) -> list[Usage]:
         """The key's own limits (not its team's), read without charging anything."""
@@ -215,10 +281,13 @@ class QuotaService:
         return self._healthy
 
     async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
+        self._closing = True
+        if self._releases:  # an attempt under way may finish (one store timeout); none is retried
+            await asyncio.wait(set(self._releases), timeout=self._settings.store_timeout)
+        pending = [*self._releases, *([self._prober] if self._prober is not None else [])]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         await self._store.close()
 
 
@@ -284,8 +353,7 @@ def build_quota_service(config: Config, events: StoreEvents | None = None,
     log = logger or logging.getLogger("llm_proxy.quotas")
     store: QuotaStore
     if config.redis_url:
-        store = RedisQuotaStore(connect(config.redis_url, config.quotas.store_timeout),
-                                config.quotas.store_timeout)
+        store = RedisQuotaStore.from_url(config.redis_url, config.quotas.store_timeout)
     else:
         log.warning("no redis_url: quotas are kept in this process, valid for ONE replica only")
         store = MemoryQuotaStore()

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis import exceptions as redis_errors
@@ -57,8 +57,7 @@ class _Protocol(asyncio.Protocol):
                                       replyError=redis_errors.ResponseError)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -76,6 +75,9 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, frame: bytes) -> asyncio.Future[Any]:
         assert self.transport is not None
+        if self.lost or self.transport.is_closing():
+            # uvloop raises RuntimeError for a write to a closed transport, asyncio stays silent.
+            raise redis_errors.ConnectionError("Connection to Redis lost.")
         future = asyncio.get_running_loop().create_future()
         self.pending.append((future, time.monotonic()))
         self.transport.write(frame)
@@ -133,7 +135,8 @@ class RedisPipe:
             raise reply
         return reply
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    async def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """The script's reply (EVALSHA; EVAL when Redis does not have it)."""
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except redis_errors.ResponseError as exc:
@@ -176,6 +179,9 @@ class RedisPipe:
         if refused:
             conn.abort()
             raise redis_errors.AuthenticationError(f"Redis refused the connection: {refused[0]}")
+
+    async def ping(self) -> None:
+        await self.execute("PING")
 
     async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():

@@ -14,6 +14,16 @@ single replica. Both follow these rules, and one test suite runs against both:
 - ``concurrency``: leases that expire by themselves after ``lease_ttl``.
 - ``day`` / ``month``: counters of UTC calendar windows.
 
+An admitted reservation also leaves a *lease record* (its estimate and the
+windows it charged) that lives as long as its lease. ``settle`` deletes it;
+``release`` undoes exactly what the reservation charged if the record is still
+there, for a reservation whose answer never reached the gateway (a store
+timeout, a dropped connection), and then leaves a tombstone for the lease's
+ttl. A reserve that finds its lease's record or tombstone charges nothing and
+raises ``ServiceUnavailableError``: it is a re-sent call, or one that Redis ran
+only after its release. So a release is harmless run twice, run for a
+reservation never made, or run before the reservation it undoes.
+
 A token limit has room while its counter is below the limit, and the whole
 estimate is charged, so a counter ends at most one request above its limit
 (a request's estimate, or its actual usage when that was larger). That keeps a
@@ -30,6 +40,8 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
+
+from .errors import ServiceUnavailableError
 
 Kind = Literal["rpm", "tpm", "concurrency", "day", "month"]
 KINDS: tuple[Kind, ...] = ("rpm", "tpm", "concurrency", "day", "month")
@@ -78,6 +90,10 @@ class QuotaStore(Protocol):
 
     async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None: ...
 
+    async def release(self, plan: Plan, lease: str, lease_ttl_ms: int) -> bool:
+        """Undo the reservation of ``lease`` if it was made and not settled; True if it undid one."""
+        ...
+
     async def usage(self, plan: Plan) -> tuple[CheckState, ...]: ...
 
     async def ping(self) -> None: ...
@@ -119,10 +135,25 @@ def month_window(now_ms: int) -> tuple[int, int]:
     return index, int(datetime(year, month + 1, 1, tzinfo=UTC).timestamp() * 1000)
 
 
+def lease_seen() -> ServiceUnavailableError:
+    """What a reserve raises for a lease id the store has seen already (see the module doc)."""
+    return ServiceUnavailableError("The quota store is unavailable (reserve: lease already seen).",
+                                   code="quota_store_unavailable")
+
+
 @dataclass
 class _Window:
     index: int
     used: int
+
+
+@dataclass(frozen=True)
+class _LeaseRecord:
+    expires: int  # ms
+    estimate: int = 0
+    at: int = 0  # when it was charged (its rpm entry)
+    windows: tuple[int, ...] = ()
+    released: bool = False  # a tombstone
 
 
 class MemoryQuotaStore:
@@ -137,12 +168,18 @@ class MemoryQuotaStore:
         self._buckets: dict[str, dict[int, int]] = {}
         self._leases: dict[str, dict[str, int]] = {}
         self._windows: dict[str, _Window] = {}
+        self._records: dict[str, _LeaseRecord] = {}
+        self._next_sweep = 0
 
     def _now(self) -> int:
         return int(self._clock() * 1000)
 
     async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission:
         now = self._now()
+        self._sweep(now)
+        record = _lease_key(plan, lease)
+        if self._record(record, now) is not None:
+            raise lease_seen()
         keys = [_key(plan, c) for c in plan.checks]
         states = [self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True)]
         denied, retry = -1, 0
@@ -155,11 +192,13 @@ class MemoryQuotaStore:
             return Admission(False, denied, max(retry, 1), tuple(states), ())
         windows = tuple(self._charge(k, c, now, lease, estimate, lease_ttl_ms)
                         for k, c in zip(keys, plan.checks, strict=True))
+        self._records[record] = _LeaseRecord(now + lease_ttl_ms, estimate, now, windows)
         after = tuple(self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True))
         return Admission(True, -1, 0, after, windows)
 
     async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
         now = self._now()
+        self._records.pop(_lease_key(plan, lease), None)
         for check, window in zip(plan.checks, windows, strict=True):
             key = _key(plan, check)
             if check.kind == "concurrency":
@@ -175,6 +214,51 @@ class MemoryQuotaStore:
                 counter = self._windows.get(key)
                 if counter is not None and counter.index == window:
                     counter.used = max(0, counter.used + delta)
+
+    async def release(self, plan: Plan, lease: str, lease_ttl_ms: int) -> bool:
+        now = self._now()
+        key = _lease_key(plan, lease)
+        record = self._record(key, now)
+        undone = False
+        if record is not None and not record.released:
+            for check, window in zip(plan.checks, record.windows, strict=True):
+                self._undo(_key(plan, check), check, lease, window, record)
+            undone = True
+        self._records[key] = _LeaseRecord(now + lease_ttl_ms, released=True)
+        return undone
+
+    def _undo(self, key: str, check: Check, lease: str, window: int, record: _LeaseRecord) -> None:
+        if check.kind == "rpm":
+            log = self._logs.get(key, [])
+            at = bisect.bisect_left(log, record.at)
+            if at < len(log) and log[at] == record.at:
+                del log[at]
+        elif check.kind == "concurrency":
+            self._leases.get(key, {}).pop(lease, None)
+        elif check.kind == "tpm":
+            buckets = self._buckets.get(key, {})
+            left = buckets.pop(window, 0) - record.estimate
+            if left > 0:
+                buckets[window] = left
+        else:
+            counter = self._windows.get(key)
+            if counter is not None and counter.index == window:
+                counter.used = max(0, counter.used - record.estimate)
+
+    def _record(self, key: str, now: int) -> _LeaseRecord | None:
+        record = self._records.get(key)
+        if record is not None and record.expires <= now:
+            del self._records[key]
+            return None
+        return record
+
+    def _sweep(self, now: int) -> None:
+        """Drop expired lease records (Redis expires them by itself), at most once a second."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + BUCKET_MS
+        for key in [k for k, r in self._records.items() if r.expires <= now]:
+            del self._records[key]
 
     async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
         now = self._now()
@@ -252,6 +336,10 @@ class MemoryQuotaStore:
 
 def _key(plan: Plan, check: Check) -> str:
     return f"{plan.shard}|{check.subject}|{check.kind}"
+
+
+def _lease_key(plan: Plan, lease: str) -> str:
+    return f"{plan.shard}|lease|{lease}"
 
 
 def _state(used: int, limit: int, reset_ms: int) -> CheckState:

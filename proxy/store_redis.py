@@ -1,10 +1,15 @@
 """The Redis store: quotas in Lua (one round trip per reserve or settle) and the key directory.
 
-Every call is bounded by the store timeout and every redis-py error becomes a
-``ServiceUnavailableError`` (code ``quota_store_unavailable``) here, at the
-edge. redis-py reconnects by itself once Redis is back; a Redis that lost its
-scripts (restart, failover) answers NOSCRIPT, and redis-py loads the script
-again and retries, so nothing needs a restart.
+The quota scripts go down one pipelined connection (``redis_pipe.py``) for a
+plain Redis URL, through redis-py for Sentinel and Cluster; the directory
+(admin-paced) always uses redis-py. Every call is bounded by the store
+timeout, and every Redis failure becomes a ``ServiceUnavailableError`` (code
+``quota_store_unavailable``) here, at the edge, as does a reply that does not
+have the shape the script returns. A reply that comes after its caller gave up
+is dropped by the pipe (it keeps the order); redis-py disconnects a connection
+whose command was interrupted, so neither can hand a stale reply to the next
+caller. Both reconnect by themselves once Redis is back, and reload a script
+that a restarted or failed-over Redis lost (NOSCRIPT): nothing needs a restart.
 
 URL forms (see docs/quotas.md):
   redis://[:password@]host:port/db, rediss://..., unix:///path/redis.sock?db=0
@@ -15,10 +20,10 @@ URL forms (see docs/quotas.md):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote
 
 from redis import exceptions as redis_errors
@@ -27,15 +32,20 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from .errors import ServiceUnavailableError
-from .store import AUDIT_MAX, Admission, CheckState, Plan, Record
+from .redis_pipe import RedisPipe, Script
+from .store import AUDIT_MAX, Admission, CheckState, Plan, Record, lease_seen
 
 Client = Redis | RedisCluster
 T = TypeVar("T")
 PREFIX = "llmp:"
 CHANNEL = PREFIX + "directory"
-_REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
+# What a failing Redis raises. RuntimeError too: redis-py passes on uvloop's for a write to a
+# transport the peer has just closed (a Redis being killed), which became a 500 before.
+_REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError,
+                 RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -110,9 +120,12 @@ async def bounded(call: Awaitable[T], limit: float, operation: str) -> T:
         async with asyncio.timeout(limit):
             return await call
     except _REDIS_ERRORS as exc:
-        raise ServiceUnavailableError(
-            f"The quota store is unavailable ({operation}: {type(exc).__name__}).",
-            code="quota_store_unavailable") from exc
+        raise unavailable(operation, type(exc).__name__) from exc
+
+
+def unavailable(operation: str, why: str) -> ServiceUnavailableError:
+    return ServiceUnavailableError(f"The quota store is unavailable ({operation}: {why}).",
+                                   code="quota_store_unavailable")
 
 
 def _lua(name: str) -> str:
@@ -124,16 +137,73 @@ def _keys(plan: Plan) -> list[str]:
     return [f"{PREFIX}{{{plan.shard}}}:{c.subject}:{c.kind}" for c in plan.checks]
 
 
-class RedisQuotaStore:
-    def __init__(self, client: Client, timeout: float) -> None:
+def _lease_key(plan: Plan, lease: str) -> str:
+    return f"{PREFIX}{{{plan.shard}}}:lease:{lease}"
+
+
+def _checked(raw: Any, plan: Plan, operation: str) -> list[int]:
+    """reserve.lua's reply for this plan, {admitted, denied, retry, then 4 integers per check};
+    anything else (a stale or garbled reply) is the store failing."""
+    if (not isinstance(raw, list) or len(raw) != 3 + 4 * len(plan.checks) or any(type(v) is not int for v in raw)
+            or raw[0] not in (0, 1) or not 0 <= raw[1] <= len(plan.checks)):
+        raise unavailable(operation, "unexpected reply")
+    return raw
+
+
+class ScriptRunner(Protocol):
+    """Runs the quota scripts: the pipelined connection, or a redis-py client (Sentinel, Cluster)."""
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ClientRunner:
+    """A redis-py client as a ``ScriptRunner`` (it reloads a script on NOSCRIPT by itself)."""
+
+    def __init__(self, client: Client) -> None:
         self._client = client
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        registered = self._scripts.get(script.sha)
+        if registered is None:
+            registered = self._scripts[script.sha] = self._client.register_script(script.body)
+        return await registered(keys=keys, args=args)
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def quota_runner(url: str, timeout: float) -> ScriptRunner:
+    """The pipelined connection for a plain Redis URL; redis-py for Sentinel and Cluster."""
+    if parse_redis_url(url) is None:
+        return RedisPipe(url, timeout)
+    return ClientRunner(connect(url, timeout))
+
+
+class RedisQuotaStore:
+    def __init__(self, runner: ScriptRunner, timeout: float) -> None:
+        self._runner = runner
         self._timeout = timeout
-        self._reserve = client.register_script(_lua("reserve.lua"))
-        self._settle = client.register_script(_lua("settle.lua"))
+        self._reserve, self._settle, self._release = (Script(_lua(name)) for name in
+                                                      ("reserve.lua", "settle.lua", "release.lua"))
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float) -> RedisQuotaStore:
+        return cls(quota_runner(url, timeout), timeout)
 
     async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission:
-        raw = await self._run("reserve", plan, "reserve", lease, estimate, lease_ttl_ms)
-        values = [int(v) for v in raw]
+        raw = await self._run("reserve", plan, [_lease_key(plan, lease)], "reserve", lease, estimate,
+                              lease_ttl_ms)
+        if raw == [0, 0, 0]:
+            raise lease_seen()
+        values = _checked(raw, plan, "reserve")
         states = tuple(CheckState(*values[i:i + 3]) for i in range(3, len(values), 4))
         windows = tuple(values[i + 3] for i in range(3, len(values), 4))
         return Admission(bool(values[0]), values[1] - 1, values[2], states, windows if values[0] else ())
@@ -142,26 +212,34 @@ class RedisQuotaStore:
         args: list[str | int] = [lease, delta]
         for check, window in zip(plan.checks, windows, strict=True):
             args += [check.kind, window]
-        await bounded(self._settle(keys=_keys(plan), args=args), self._timeout, "settle")
+        keys = [*_keys(plan), _lease_key(plan, lease)]
+        if await bounded(self._runner.run(self._settle, keys, args), self._timeout, "settle") != 1:
+            raise unavailable("settle", "unexpected reply")
+
+    async def release(self, plan: Plan, lease: str, lease_ttl_ms: int) -> bool:
+        args: list[str | int] = [lease, lease_ttl_ms, *(c.kind for c in plan.checks)]
+        keys = [*_keys(plan), _lease_key(plan, lease)]
+        undone = await bounded(self._runner.run(self._release, keys, args), self._timeout, "release")
+        if type(undone) is not int or undone not in (0, 1):
+            raise unavailable("release", "unexpected reply")
+        return bool(undone)
 
     async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
-        raw = await self._run("usage", plan, "peek", "", 0, 0)
-        values = [int(v) for v in raw]
+        values = _checked(await self._run("usage", plan, [], "peek", "", 0, 0), plan, "usage")
         return tuple(CheckState(*values[i:i + 3]) for i in range(3, len(values), 4))
 
-    async def _run(self, operation: str, plan: Plan, *head: str | int) -> list[Any]:
+    async def _run(self, operation: str, plan: Plan, extra_keys: list[str], *head: str | int) -> Any:
         args: list[str | int] = list(head)
         for check in plan.checks:
             args += [check.kind, check.limit]
-        result: list[Any] = await bounded(self._reserve(keys=_keys(plan), args=args), self._timeout,
-                                          operation)
-        return result
+        return await bounded(self._runner.run(self._reserve, [*_keys(plan), *extra_keys], args), self._timeout,
+                             operation)
 
     async def ping(self) -> None:
-        await bounded(self._client.ping(), self._timeout, "ping")
+        await bounded(self._runner.ping(), self._timeout, "ping")
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._runner.close()
 
 
 def _text(record: dict[Any, Any]) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Real redis-server processes for tests: standalone (stop/restart on the same port) and a 3-node Cluster.
+"""Real redis-server processes for tests: standalone (stop/restart on the same port) and a 3-node Cluster;
+and ``LateReplies``, a TCP proxy in front of one that holds its replies back.
 
 Never the shared Redis on 6379: each server gets a free loopback port and an
 empty temporary directory, and is stopped at the end, also when its set-up
@@ -7,11 +8,14 @@ fails half-way (a leaked redis-server outlives pytest and holds its port).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,6 +186,69 @@ class RedisClusterNodes:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+class LateReplies:
+    """A TCP proxy in front of Redis: commands pass at once; replies wait ``delay`` seconds."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> LateReplies:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
+        return self
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            await asyncio.gather(self._pipe(client_r, redis_w, late=False),
+                                 self._pipe(redis_r, client_w, late=True))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            client_w.close()
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, late: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if late and self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
 
 @pytest.fixture

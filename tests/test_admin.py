@@ -41,7 +41,7 @@ class Replica:
 async def start_replica(url: str, config: Config) -> Replica:
     keys = IssuedKeys(RedisDirectory(connect(url, 1.0), 1.0))
     await keys.start()
-    quotas = QuotaService(RedisQuotaStore(connect(url, 1.0), 1.0), QuotasConfig())
+    quotas = QuotaService(RedisQuotaStore.from_url(url, 1.0), QuotasConfig())
     app = Starlette(routes=admin_routes(AdminContext(lambda: config, quotas, keys)))
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
     return Replica(http, keys, quotas, Authenticator(StaticKeys(config), keys))

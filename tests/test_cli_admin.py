@@ -45,7 +45,7 @@ upstreams: [{{name: a, base_url: "http://a/v1", models: [m]}}]
 teams: [{{name: t, limits: {{rpm: 9}}}}]
 """, {})
         self.keys = IssuedKeys(RedisDirectory(connect(redis_url, 1.0), 1.0))
-        quotas = QuotaService(RedisQuotaStore(connect(redis_url, 1.0), 1.0), QuotasConfig())
+        quotas = QuotaService(RedisQuotaStore.from_url(redis_url, 1.0), QuotasConfig())
         app = Starlette(routes=admin_routes(AdminContext(lambda: config, quotas, self.keys)))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="off"))

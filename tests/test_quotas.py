@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.config import Limits, QuotasConfig
-from proxy.errors import RateLimitError
+from proxy import quotas
+from proxy.config import Limits, QuotasConfig, StoreErrorMode
+from proxy.errors import RateLimitError, ServiceUnavailableError
 from proxy.keys import KeyPolicy
 from proxy.quotas import QuotaService, Reservation, duration, plan_for, retry_seconds
-from proxy.store import DAY_MS, MemoryQuotaStore, QuotaStore, month_window
-from proxy.store_redis import RedisQuotaStore, connect
+from proxy.store import DAY_MS, Admission, CheckState, MemoryQuotaStore, Plan, QuotaStore, month_window
+from proxy.store_redis import RedisQuotaStore
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,6 +51,10 @@ class CountingStore:
         self.calls.append("settle")
         return await self.inner.settle(*args)
 
+    async def release(self, *args: Any) -> Any:
+        self.calls.append("release")
+        return await self.inner.release(*args)
+
     async def usage(self, *args: Any) -> Any:
         self.calls.append("usage")
         return await self.inner.usage(*args)
@@ -66,7 +73,7 @@ async def make_service(request: pytest.FixtureRequest) -> AsyncIterator[MakeServ
     url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
 
     def make(settings: QuotasConfig | None = None, counting: list[CountingStore] | None = None) -> QuotaService:
-        store: QuotaStore = RedisQuotaStore(connect(url, 1.0), 1.0) if url else MemoryQuotaStore()
+        store: QuotaStore = RedisQuotaStore.from_url(url, 1.0) if url else MemoryQuotaStore()
         if counting is not None:
             counting.append(CountingStore(store))
             store = counting[-1]
@@ -115,6 +122,16 @@ async def test_rpm_admits_exactly_the_limit_under_concurrency(make_service: Make
     service = make_service()
     admitted = [r for r in await outcomes(service, policy(rpm=10), 60) if r is not None]
     assert len(admitted) == 10
+
+
+async def test_changed_limits_apply_to_the_next_request(make_service: MakeService) -> None:
+    service = make_service()
+    one = policy("changing", rpm=1)
+    await service.reserve(one, 1)
+    with pytest.raises(RateLimitError):
+        await service.reserve(one, 1)
+    raised = replace(one, limits=Limits(rpm=3))  # as a PATCH makes it: a new object
+    assert len([r for r in await outcomes(service, raised, 5) if r is not None]) == 2
 
 
 async def test_rpm_denial_names_the_limit_with_retry_after(make_service: MakeService) -> None:
@@ -380,3 +397,204 @@ async def test_lua_calendar_agrees_with_python(redis_server: RedisServer) -> Non
             assert tuple(got) == month_window(ms), ms
     finally:
         await client.aclose()
+
+
+# --- answers that never came: the reservation is released in the background
+
+
+class Faulty:
+    """The in-process store with faults: reserves that run but whose answer is lost, releases that fail,
+    calls that hang until an event is set."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryQuotaStore()
+        self.calls: list[tuple[str, str]] = []  # (operation, lease)
+        self.lose_reserves = 0
+        self.fail_releases = 0
+        self.hold_reserves: asyncio.Event | None = None
+        self.hold_releases: asyncio.Event | None = None
+
+    async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission:
+        self.calls.append(("reserve", lease))
+        admission = await self.inner.reserve(plan, lease, estimate, lease_ttl_ms)  # it ran...
+        if self.hold_reserves is not None:
+            await self.hold_reserves.wait()
+        if self.lose_reserves:
+            self.lose_reserves -= 1
+            raise ServiceUnavailableError("The quota store is unavailable (reserve: TimeoutError).",
+                                          code="quota_store_unavailable")  # ...but its answer came too late
+        return admission
+
+    async def settle(self, *args: Any) -> None:
+        await self.inner.settle(*args)
+
+    async def release(self, plan: Plan, lease: str, lease_ttl_ms: int) -> bool:
+        self.calls.append(("release", lease))
+        if self.hold_releases is not None:
+            await self.hold_releases.wait()
+        if self.fail_releases:
+            self.fail_releases -= 1
+            raise ServiceUnavailableError("The quota store is unavailable (release: ConnectionError).",
+                                          code="quota_store_unavailable")
+        return await self.inner.release(plan, lease, lease_ttl_ms)
+
+    async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
+        return await self.inner.usage(plan)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def count(self, operation: str) -> int:
+        return sum(op == operation for op, _ in self.calls)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def store_error(self, operation: str) -> None:
+        self.errors.append(operation)
+
+    def store_latency(self, operation: str, seconds: float) -> None:
+        return None
+
+
+LOST = policy("lost", rpm=100, tpm=10_000, concurrency=2, tokens_per_day=10**6)
+
+
+def faulty(mode: StoreErrorMode = "fail_closed") -> tuple[QuotaService, Faulty, Events]:
+    store, events = Faulty(), Events()
+    return QuotaService(store, QuotasConfig(on_store_error=mode, store_timeout=0.05), events), store, events
+
+
+async def drained(service: QuotaService) -> None:
+    """Wait for the background releases."""
+    while service._releases:
+        await asyncio.gather(*service._releases, return_exceptions=True)
+
+
+async def used(service: QuotaService, p: KeyPolicy = LOST) -> list[int]:
+    return [u.used for u in await service.key_usage(p)]
+
+
+@pytest.fixture(autouse=True)
+def _quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quotas, "RELEASE_BACKOFF", 0.001)
+
+
+@pytest.mark.parametrize("mode", ["fail_closed", "fail_open"])
+async def test_a_reservation_whose_answer_was_lost_is_released(mode: StoreErrorMode) -> None:
+    service, store, events = faulty(mode)
+    store.lose_reserves = 1
+    if mode == "fail_closed":
+        with pytest.raises(ServiceUnavailableError):
+            await service.reserve(LOST, 100)
+    else:
+        assert (await service.reserve(LOST, 100)).headers == ()  # admitted uncounted...
+    assert await used(service) == [1, 100, 1, 100]  # ...though the store ran it
+    await drained(service)
+    assert await used(service) == [0, 0, 0, 0]  # released
+    assert store.calls == [("reserve", store.calls[0][1]), ("release", store.calls[0][1])]
+    assert events.errors == ["reserve"] and service.store_healthy()
+    held = [await service.reserve(LOST, 1) for _ in range(2)]  # concurrency 2: not locked out
+    for reservation in held:
+        await reservation.settle(1)
+
+
+async def test_a_failing_release_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+    service, store, events = faulty()
+    store.lose_reserves, store.fail_releases = 1, 2
+    with pytest.raises(ServiceUnavailableError):
+        await service.reserve(LOST, 100)
+    await drained(service)
+    assert store.count("release") == 3 and events.errors == ["reserve", "release", "release"]
+    assert await used(service) == [0, 0, 0, 0]
+    assert "quota release failed" not in caplog.text
+
+
+async def test_a_release_that_keeps_failing_is_given_up_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    service, store, _ = faulty()
+    store.lose_reserves, store.fail_releases = 1, 1000
+    with pytest.raises(ServiceUnavailableError):
+        await service.reserve(LOST, 100)
+    await drained(service)
+    assert store.count("release") == quotas.RELEASE_ATTEMPTS
+    assert "quota release failed" in caplog.text
+    assert await used(service) == [1, 100, 1, 100]  # left to expire with its lease, as before
+
+
+async def test_a_reserve_that_was_never_sent_is_not_released() -> None:
+    service, store, _ = faulty()
+    store.lose_reserves, store.fail_releases = 1, 1000  # the store is failing: unhealthy
+    with pytest.raises(ServiceUnavailableError):
+        await service.reserve(LOST, 1)
+    await drained(service)  # its release given up
+    assert not service.store_healthy()
+    store.hold_reserves = asyncio.Event()
+    probing = asyncio.create_task(service.reserve(LOST, 1))  # one request tries the store...
+    await asyncio.sleep(0)
+    with pytest.raises(ServiceUnavailableError):
+        await service.reserve(LOST, 1)  # ...the others do not wait for it: no store call, nothing to release
+    store.lose_reserves, store.fail_releases = 1, 0
+    store.hold_reserves.set()
+    with pytest.raises(ServiceUnavailableError):
+        await probing
+    await drained(service)
+    reserved = [lease for op, lease in store.calls if op == "reserve"]
+    assert len(reserved) == 2 and {lease for op, lease in store.calls if op == "release"} == set(reserved)
+    assert await used(service) == [1, 1, 1, 1]  # the first one's release was given up, the second's not
+
+
+async def test_a_cancelled_reserve_is_released() -> None:
+    service, store, _ = faulty()
+    store.hold_reserves = asyncio.Event()
+    request = asyncio.create_task(service.reserve(LOST, 10))
+    await asyncio.sleep(0.01)
+    assert store.calls
+    request.cancel()  # the store ran it; nobody will read its answer
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await drained(service)
+    assert await used(service) == [0, 0, 0, 0]
+
+
+async def test_a_denied_reserve_is_not_released() -> None:
+    service, store, _ = faulty()
+    p = policy("denied", rpm=1)
+    await service.reserve(p, 1)
+    with pytest.raises(RateLimitError):
+        await service.reserve(p, 1)
+    await drained(service)
+    assert store.count("release") == 0
+
+
+async def test_pending_releases_are_bounded(monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(quotas, "MAX_PENDING_RELEASES", 2)
+    service, store, _ = faulty()
+    p = policy("many", rpm=100, concurrency=10)
+    store.hold_releases = asyncio.Event()
+    store.lose_reserves = 3
+    for _ in range(3):
+        with pytest.raises(ServiceUnavailableError):
+            await service.reserve(p, 10)
+    assert len(service._releases) == 2 and "2 releases pending already" in caplog.text
+    store.hold_releases.set()
+    await drained(service)
+    assert await used(service, p) == [1, 1]  # the one dropped expires with its lease
+
+
+async def test_close_ends_the_pending_releases() -> None:
+    service, store, _ = faulty()
+    store.hold_releases = asyncio.Event()  # a release that never finishes
+    store.lose_reserves = 1
+    with pytest.raises(ServiceUnavailableError):
+        await service.reserve(LOST, 10)
+    (task,) = service._releases
+    started = time.perf_counter()
+    await service.close()
+    assert time.perf_counter() - started < 1.0  # one store timeout (0.05 s), then cancelled
+    assert task.cancelled() and not service._releases

@@ -28,7 +28,7 @@ async def pipe(redis_server: RedisServer) -> AsyncIterator[RedisPipe]:  # noqa: 
 
 
 async def test_concurrent_callers_each_get_their_own_reply(pipe: RedisPipe) -> None:
-    replies = await asyncio.gather(*(pipe.evalsha(ECHO, [f"k{i}"], [i]) for i in range(500)))
+    replies = await asyncio.gather(*(pipe.run(ECHO, [f"k{i}"], [i]) for i in range(500)))
     assert replies == [[i, f"k{i}".encode()] for i in range(500)]
 
 
@@ -39,9 +39,9 @@ async def test_an_error_reply_raises_and_the_next_call_still_works(pipe: RedisPi
 
 
 async def test_a_flushed_script_cache_is_reloaded(pipe: RedisPipe) -> None:
-    assert await pipe.evalsha(ECHO, ["a"], [1]) == [1, b"a"]
+    assert await pipe.run(ECHO, ["a"], [1]) == [1, b"a"]
     await pipe.execute("SCRIPT", "FLUSH")
-    assert await pipe.evalsha(ECHO, ["a"], [2]) == [2, b"a"]
+    assert await pipe.run(ECHO, ["a"], [2]) == [2, b"a"]
     assert await pipe.execute("SCRIPT", "EXISTS", ECHO.sha) == [1]
 
 
@@ -54,7 +54,7 @@ async def test_a_restarted_redis_fails_the_waiting_calls_then_is_used_again(
             await pipe.execute("PING")
             await asyncio.sleep(0.01)
     assert await pipe.execute("GET", "x") is None  # a new connection to the new, empty server
-    assert await pipe.evalsha(ECHO, ["b"], [3]) == [3, b"b"]  # its script cache was empty too
+    assert await pipe.run(ECHO, ["b"], [3]) == [3, b"b"]  # its script cache was empty too
 
 
 async def test_a_late_reply_goes_to_nobody_and_later_replies_stay_matched(
@@ -162,7 +162,7 @@ async def test_tls_with_a_verified_certificate(tls_redis: tuple[int, Path]) -> N
             break
         except redis_errors.ConnectionError:
             await asyncio.sleep(0.05)
-    assert await pipe.evalsha(ECHO, ["tls"], [7]) == [7, b"tls"]
+    assert await pipe.run(ECHO, ["tls"], [7]) == [7, b"tls"]
     await pipe.close()
     untrusted = RedisPipe(f"rediss://localhost:{port}/0", timeout=1.0)  # the system CAs do not know it
     with pytest.raises(redis_errors.ConnectionError):

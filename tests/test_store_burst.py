@@ -7,12 +7,12 @@ import asyncio
 from proxy.config import Limits, QuotasConfig
 from proxy.keys import KeyPolicy
 from proxy.quotas import QuotaService
-from proxy.store_redis import MAX_CONNECTIONS, RedisQuotaStore, connect
+from proxy.store_redis import MAX_CONNECTIONS, RedisQuotaStore
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 
 async def test_burst_beyond_the_pool_cap_is_admitted_not_503(redis_server: RedisServer) -> None:  # noqa: F811
-    service = QuotaService(RedisQuotaStore(connect(redis_server.url, 2.0), 2.0), QuotasConfig(store_timeout=2.0))
+    service = QuotaService(RedisQuotaStore.from_url(redis_server.url, 2.0), QuotasConfig(store_timeout=2.0))
     policy = KeyPolicy(id="burst", name="burst", team=None, models=None, limits=Limits(rpm=10_000))
     try:
         reservations = await asyncio.gather(*(service.reserve(policy, 10) for _ in range(MAX_CONNECTIONS * 2)))

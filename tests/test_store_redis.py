@@ -5,24 +5,32 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import uvloop
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool
 
 from proxy.config import Limits, QuotasConfig, StoreErrorMode
 from proxy.errors import RateLimitError, ServiceUnavailableError
 from proxy.issued_keys import IssuedKeys, KeySpec
 from proxy.keys import KeyPolicy, hash_key
-from proxy.quotas import PROBE_INTERVAL, QuotaService
-from proxy.store_redis import RedisDirectory, RedisQuotaStore, connect, parse_redis_url
+from proxy.quotas import PROBE_INTERVAL, QuotaService, plan_for
+from proxy.store_redis import ClientRunner, RedisDirectory, RedisQuotaStore, connect, parse_redis_url
 from tests.redis_fixtures import (  # noqa: F401
     REDIS_SENTINEL,
+    LateReplies,
     RedisClusterNodes,
     RedisServer,
     free_port,
@@ -42,7 +50,7 @@ def policy(key_id: str = "a", team: str | None = None, **limits: int) -> KeyPoli
 
 def service(url: str, mode: StoreErrorMode = "fail_closed") -> QuotaService:
     settings = QuotasConfig(on_store_error=mode, store_timeout=TIMEOUT)
-    return QuotaService(RedisQuotaStore(connect(url, TIMEOUT), TIMEOUT), settings)
+    return QuotaService(RedisQuotaStore.from_url(url, TIMEOUT), settings)
 
 
 @pytest.fixture
@@ -277,7 +285,7 @@ _WORKER = textwrap.dedent("""
     from proxy.store_redis import RedisQuotaStore, connect
 
     async def main(url, n):
-        quotas = QuotaService(RedisQuotaStore(connect(url, 2.0), 2.0), QuotasConfig(store_timeout=2.0))
+        quotas = QuotaService(RedisQuotaStore.from_url(url, 2.0), QuotasConfig(store_timeout=2.0))
         rpm = KeyPolicy(id="static:p", name="p", team="t", models=None, limits=Limits(rpm=25),
                         team_limits=Limits(tokens_per_day=10_000))
         async def one():
@@ -332,3 +340,174 @@ async def test_unix_socket_url(tmp_path: Path, closing: list[QuotaService]) -> N
             await quotas.reserve(policy(rpm=1), 1)
     finally:
         server.close()
+
+
+# --- the edge: whatever a call raises or answers, a request gets a 503 or its answer, never a 500
+
+
+class FakeScript:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+class FakeClient:
+    """Scripts answer what each test says (by file name); no socket."""
+
+    def __init__(self, **answers: Any) -> None:
+        self.scripts: dict[str, FakeScript] = {}
+        self.answers = answers
+
+    def register_script(self, text: str) -> FakeScript:
+        first_words = {"-- Check every": "reserve", "-- Replace": "settle", "-- Undo": "release"}
+        name = next(name for start, name in first_words.items() if text.startswith(start))
+        self.scripts[name] = FakeScript(self.answers.get(name))
+        return self.scripts[name]
+
+    async def aclose(self) -> None:
+        return None
+
+
+# What uvloop raises for a write to a transport the peer has just closed (a Redis being killed):
+# it escaped the old edge (redis-py passes it through) and became a 500.
+CLOSED = RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False 0x55>; "
+                      "the handler is closed")
+ONE = policy("edge", rpm=10)
+
+
+def fake_store(**answers: Any) -> RedisQuotaStore:
+    return RedisQuotaStore(ClientRunner(FakeClient(**answers)), TIMEOUT)  # type: ignore[arg-type]
+
+
+def admitted(checks: int = 1) -> list[int]:
+    return [1, 0, 0, *[1, 9, 60_000, 0] * checks]
+
+
+@pytest.mark.parametrize("error", [CLOSED, ConnectionResetError(104, "reset"), TimeoutError(),
+                                   redis_errors.ConnectionError("gone")])
+async def test_any_error_of_a_store_call_is_a_503(error: Exception) -> None:
+    store = fake_store(reserve=error, settle=error, release=error)
+    plan = plan_for(ONE)
+    assert plan is not None
+    for call in (store.reserve(plan, "l", 1, 1000), store.usage(plan), store.settle(plan, "l", (0,), 0),
+                 store.release(plan, "l", 1000)):
+        with pytest.raises(ServiceUnavailableError) as err:
+            await call
+        assert err.value.code == "quota_store_unavailable" and err.value.status == 503
+
+
+@pytest.mark.parametrize("reply", [None, b"OK", 2, [], [1, 0, 0], [1, 0, 0, 1, 9, 60_000],
+                                   [*admitted(), 0], [1, 0, 0, b"1", 9, 60_000, 0], [2, 0, 0, 1, 9, 0, 0],
+                                   [0, 2, 10, 1, 9, 0, 0], [1.5, 0, 0, 1, 9, 0, 0], [True, 0, 0, 1, 9, 0, 0]])
+async def test_a_reply_of_another_shape_is_a_503(reply: Any) -> None:
+    store = fake_store(reserve=reply, settle=reply, release=reply)
+    plan = plan_for(ONE)
+    assert plan is not None
+    for call in (store.reserve(plan, "l", 1, 1000), store.usage(plan), store.settle(plan, "l", (0,), 0),
+                 store.release(plan, "l", 1000)):
+        with pytest.raises(ServiceUnavailableError) as err:
+            await call
+        assert err.value.code == "quota_store_unavailable"
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_an_unexpected_error_is_the_store_failing_not_a_500(mode: StoreErrorMode) -> None:
+    client = FakeClient(reserve=admitted(), settle=CLOSED, release=CLOSED)
+    quotas = QuotaService(RedisQuotaStore(ClientRunner(client), TIMEOUT),  # type: ignore[arg-type]
+                          QuotasConfig(on_store_error=mode, store_timeout=TIMEOUT))
+    try:
+        reservation = await quotas.reserve(ONE, 1)
+        await reservation.settle(1)  # fails quietly, as a settle does while Redis is away
+        assert not quotas.store_healthy()
+        client.scripts["reserve"].answer = CLOSED
+        if mode == "fail_open":
+            assert (await quotas.reserve(ONE, 1)).headers == ()
+        else:
+            with pytest.raises(ServiceUnavailableError):
+                await quotas.reserve(ONE, 1)
+    finally:
+        await quotas.close()
+
+
+def test_a_redis_that_resets_connections_gives_503s_on_uvloop() -> None:
+    """The CI failure, for real: a peer that accepts and resets at once (as a Redis being killed does),
+    and the gateway's event loop, uvloop, which raises RuntimeError for a write to the closed transport
+    (HELLO, right after the connect) where asyncio's own loop stays silent."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    stop = threading.Event()
+
+    def reset_all() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST
+
+    thread = threading.Thread(target=reset_all, daemon=True)
+    thread.start()
+    url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    plan = plan_for(ONE)
+    assert plan is not None
+
+    async def main() -> dict[str, int]:
+        store = RedisQuotaStore.from_url(url, TIMEOUT)
+        seen: dict[str, int] = {}
+
+        async def one() -> None:
+            try:
+                await store.reserve(plan, "l", 1, 1000)
+            except ServiceUnavailableError as exc:
+                name = type(exc.__cause__).__name__
+                seen[name] = seen.get(name, 0) + 1
+
+        try:
+            for _ in range(20):
+                await asyncio.gather(*(one() for _ in range(32)))
+        finally:
+            await store.close()
+        return seen
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            seen = runner.run(main())  # anything but a ServiceUnavailableError fails the test
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+    assert sum(seen.values()) == 20 * 32, seen
+
+
+async def test_an_interrupted_command_never_leaves_its_reply_to_the_next(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    """A reserve whose reply comes after the timeout: its connection must not be reused with that reply
+    still on its way, or the next command on it (here the only one in the pool) reads it as its own."""
+    proxy = LateReplies(redis_server.port).start()
+    pool = BlockingConnectionPool.from_url(proxy.url, max_connections=1, timeout=TIMEOUT, socket_timeout=TIMEOUT,
+                                           socket_connect_timeout=TIMEOUT)
+    store = RedisQuotaStore(ClientRunner(aioredis.Redis(connection_pool=pool)), TIMEOUT)
+    first, second = plan_for(policy("first", rpm=5)), plan_for(policy("second", rpm=7))
+    assert first is not None and second is not None
+    try:
+        await store.usage(first)  # connected
+        proxy.delay = TIMEOUT * 3
+        with pytest.raises(ServiceUnavailableError):
+            await store.reserve(first, "late", 1, 1000)  # Redis runs it; its reply comes late
+        proxy.delay = 0
+        for n in range(5):
+            assert [(s.used, s.remaining) for s in await store.usage(second)] == [(n, 7 - n)]
+            admission = await store.reserve(second, f"l{n}", 1, 1000)
+            assert admission.admitted and admission.states[0].remaining == 6 - n
+        await asyncio.sleep(TIMEOUT * 3)  # the late reply has arrived by now, wherever it went
+        assert [(s.used, s.remaining) for s in await store.usage(first)] == [(1, 4)]
+        assert [(s.used, s.remaining) for s in await store.usage(second)] == [(5, 2)]
+    finally:
+        await store.close()
+        proxy.stop()

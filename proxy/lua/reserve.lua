@@ -1,11 +1,18 @@
 -- Check every limit of one request and, only if all have room, charge them all.
 -- The rules are those of proxy/store.py (MemoryQuotaStore); keep the two alike.
 --
--- KEYS[i]  the counter of check i (all share one hash tag, so one Cluster slot)
+-- KEYS[i]  the counter of check i (all share one hash tag, so one Cluster slot),
+--          then, to reserve, the lease record (KEYS[n + 1])
 -- ARGV     mode ("reserve" | "peek"), lease id, estimate, lease ttl (ms),
 --          then kind_i, limit_i for each check
 -- Returns  {admitted, denied (1-based, 0 if none), retry_ms,
 --           then used_i, remaining_i, reset_ms_i, window_i for each check}
+--          or {0, 0, 0} alone, charging nothing: this lease's record (or tombstone) is
+--          there already, so this is a re-sent call, or one that came after its release.
+--
+-- An admitted reservation leaves its lease record, a hash {e: estimate, i: window_i}
+-- that lives as long as the lease (ttl): release.lua undoes exactly that charge when
+-- the gateway never got this answer; settle.lua deletes it.
 --
 -- Redis's clock, not the replicas', so replicas with skewed clocks agree.
 
@@ -17,6 +24,12 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode, lease = ARGV[1], ARGV[2]
 local estimate, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local writing = mode == 'reserve'
+local n = (#ARGV - 4) / 2
+local record = KEYS[n + 1]
+
+if writing and redis.call('EXISTS', record) == 1 then
+  return {0, 0, 0}
+end
 
 -- Days since 1970-01-01 <-> civil dates (H. Hinnant's algorithms), for UTC months.
 local function civil(days)
@@ -136,7 +149,6 @@ local function charge(key, kind)
   return index
 end
 
-local n = #KEYS
 local used, reset = {}, {}
 local denied, retry = 0, 0
 for i = 1, n do
@@ -162,9 +174,12 @@ if denied > 0 or not writing then
 end
 
 out[1] = 1
+local fields = {'e', estimate}
 for i = 1, n do
   local kind, limit = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
   local window = charge(KEYS[i], kind)
+  fields[#fields + 1] = i
+  fields[#fields + 1] = window
   local u, r = used[i], reset[i]
   if kind == 'rpm' or kind == 'concurrency' then
     u = u + 1
@@ -178,4 +193,6 @@ for i = 1, n do
   out[#out + 1] = math.max(r, 0)
   out[#out + 1] = window
 end
+redis.call('HSET', record, unpack(fields))
+redis.call('PEXPIRE', record, ttl)
 return out

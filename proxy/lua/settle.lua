@@ -1,17 +1,21 @@
 -- Replace a reservation's estimate with the actual usage and release its lease.
 -- The rules are those of MemoryQuotaStore.settle in proxy/store.py.
 --
--- KEYS[i]  the counter of check i (one hash tag)
+-- KEYS[i]  the counter of check i, then the lease record (KEYS[n + 1]; one hash tag)
 -- ARGV     lease id, delta (actual - estimate), then kind_i, window_i for each check
 --          (window_i as returned by reserve.lua)
+--
+-- The delta applies whether or not the lease record is still there (a request may
+-- outlast lease_ttl); the record goes, so a release can no longer undo this lease.
 
 local BUCKET, BUCKETS = 1000, 60
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, delta = ARGV[1], tonumber(ARGV[2])
+local n = (#ARGV - 2) / 2
 
-for i = 1, #KEYS do
+for i = 1, n do
   local key, kind, window = KEYS[i], ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
   if kind == 'concurrency' then
     redis.call('ZREM', key, lease)
@@ -34,4 +38,5 @@ for i = 1, #KEYS do
     end
   end
 end
+redis.call('DEL', KEYS[n + 1])
 return 1

@@ -1,0 +1,33 @@
+-- Undo a reservation whose answer never reached the gateway (a store timeout, a dropped
+-- connection): exactly what reserve.lua charged, as its lease record says, if the record
+-- is still there. Then the record becomes a tombstone for ttl, so that a reserve with this
+-- lease id that Redis has not run yet (it may come later, on another connection) charges
+-- nothing. Run twice, or for a lease never charged or already settled: no change.
+-- The rules are those of MemoryQuotaStore.release in proxy/store.py.
+--
+-- KEYS[i]  the counter of check i, then the lease record (KEYS[n + 1]; one hash tag)
+-- ARGV     lease id, tombstone ttl (ms), then kind_i for each check
+-- Returns  1 if it undid a reservation, 0 if there was none to undo
+
+local lease, ttl = ARGV[1], tonumber(ARGV[2])
+local n = #ARGV - 2
+local record = KEYS[n + 1]
+local estimate = tonumber(redis.call('HGET', record, 'e'))
+
+if estimate then
+  for i = 1, n do
+    local key, kind = KEYS[i], ARGV[2 + i]
+    local window = tonumber(redis.call('HGET', record, i))
+    if kind == 'rpm' or kind == 'concurrency' then
+      redis.call('ZREM', key, lease)
+    elseif kind == 'tpm' then
+      if redis.call('HINCRBY', key, window, -estimate) <= 0 then redis.call('HDEL', key, window) end
+    elseif tonumber(redis.call('HGET', key, 'w')) == window then  -- day, month: still that window
+      if redis.call('HINCRBY', key, 'n', -estimate) < 0 then redis.call('HSET', key, 'n', 0) end
+    end
+  end
+end
+redis.call('DEL', record)
+redis.call('HSET', record, 'released', 1)
+redis.call('PEXPIRE', record, ttl)
+return estimate and 1 or 0
