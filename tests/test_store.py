@@ -7,6 +7,9 @@ it charged is undone, once, and a reserve that comes after its own release
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -165,6 +168,140 @@ async def test_the_lua_lease_record_shares_the_hash_tag_and_expires(redis_server
         keys = {k.decode() for k in await client.keys("*")}
         assert all(k.startswith(f"{PREFIX}{{{p.shard}}}:") for k in keys), keys
         assert all([await client.pttl(k) > 0 for k in keys])  # nothing left without a TTL
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+# --- the tpm hash's running total (reserve.lua): exact, whatever the order of charges and refunds
+
+TOTAL, OLDEST = "-1", "-2"  # the fields reserve.lua keeps besides the buckets
+
+
+async def tpm_fields(client: aioredis.Redis, key: str) -> dict[int, int]:
+    return {int(k): int(v) for k, v in (await client.hgetall(key)).items()}
+
+
+def check_total(fields: dict[int, int]) -> None:
+    buckets = {b: v for b, v in fields.items() if b >= 0}
+    assert all(v > 0 for v in buckets.values()), fields  # no bucket is kept at 0
+    assert fields.get(int(TOTAL), 0) == sum(buckets.values()), fields
+    if int(OLDEST) in fields:  # when it is not, the next reserve finds it again
+        assert fields[int(OLDEST)] == min(buckets), fields
+
+
+async def test_the_tpm_total_follows_every_charge_refund_and_release(redis_server: RedisServer) -> None:  # noqa: F811
+    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
+    client = aioredis.Redis.from_url(redis_server.url)
+    p = plan_for(KeyPolicy(id="static:s", name="s", team=None, models=None, limits=Limits(tpm=10**9)))
+    assert p is not None
+    key = f"{PREFIX}{{{p.shard}}}:k:static:s:tpm"
+    rng = random.Random(7)
+    open_leases: dict[str, tuple[int, tuple[int, ...]]] = {}
+    expected = 0
+    try:
+        for i in range(300):  # over about 3 s, so across bucket boundaries
+            await asyncio.sleep(0.01)
+            action = rng.random()
+            if action < 0.5 or not open_leases:
+                estimate = rng.choice([0, 1, 5, 40])
+                admission = await store.reserve(p, f"l{i}", estimate, TTL_MS)
+                open_leases[f"l{i}"] = (estimate, admission.windows)
+                expected += estimate
+            else:
+                lease = rng.choice(sorted(open_leases))
+                estimate, windows = open_leases.pop(lease)
+                if action < 0.85:
+                    delta = rng.choice([-estimate, -1, 0, 3]) if estimate else rng.choice([0, 3])
+                    await store.settle(p, lease, windows, delta)
+                    expected += delta
+                else:
+                    assert await store.release(p, lease, TTL_MS)
+                    expected -= estimate
+            check_total(await tpm_fields(client, key))
+            if i % 25 == 0:
+                assert (await store.usage(p))[0].used == expected
+        assert (await store.usage(p))[0].used == expected  # all within a few seconds: nothing expired
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_expired_buckets_leave_the_total_and_the_reset(redis_server: RedisServer) -> None:  # noqa: F811
+    # Redis's clock cannot move: plant buckets of the past instead, as the previous layout
+    # (no total) and as this one (a total whose oldest bucket has expired).
+    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
+    client = aioredis.Redis.from_url(redis_server.url)
+    p = plan_for(KeyPolicy(id="static:x", name="x", team=None, models=None, limits=Limits(tpm=1000)))
+    assert p is not None
+    key = f"{PREFIX}{{{p.shard}}}:k:static:x:tpm"
+    try:
+        for with_total in (False, True):
+            await client.delete(key)
+            second = int(time.time())
+            planted = {second - 90: 500, second - 30: 200, second - 20: 0, second - 10: 100}
+            await client.hset(key, mapping=planted)
+            if with_total:
+                await client.hset(key, mapping={TOTAL: 800, OLDEST: second - 90})
+            assert (await store.usage(p))[0].used == 300  # a peek: counted buckets only
+            admission = await store.reserve(p, f"now-{with_total}", 5, TTL_MS)
+            assert admission.admitted and admission.states[0].used == 305
+            reset = admission.states[0].reset_ms
+            assert 29_000 < reset <= 32_000  # the bucket of 30 s ago leaves in 31 s
+            fields = await tpm_fields(client, key)
+            check_total(fields)
+            assert set(fields) - {int(TOTAL), int(OLDEST)} == {second - 30, second - 10, admission.windows[0]}
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_tpm_denial_retries_when_enough_buckets_leave(redis_server: RedisServer) -> None:  # noqa: F811
+    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
+    client = aioredis.Redis.from_url(redis_server.url)
+    p = plan_for(KeyPolicy(id="static:r", name="r", team=None, models=None, limits=Limits(tpm=1000)))
+    assert p is not None
+    key = f"{PREFIX}{{{p.shard}}}:k:static:r:tpm"
+    try:
+        second = int(time.time())
+        await client.hset(key, mapping={second - 40: 600, second - 20: 300, second - 5: 200,
+                                        TOTAL: 1100, OLDEST: second - 40})
+        denied = await store.reserve(p, "over", 1, TTL_MS)
+        assert not denied.admitted and denied.states[0].used == 1100
+        assert 19_000 < denied.retry_ms <= 22_000  # once the 600 of 40 s ago leave: 500 < 1000
+        assert 19_000 < denied.states[0].reset_ms <= 22_000
+        check_total(await tpm_fields(client, key))
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_settle_and_release_into_old_or_gone_buckets_keep_the_total(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
+    client = aioredis.Redis.from_url(redis_server.url)
+    p = plan_for(KeyPolicy(id="static:o", name="o", team=None, models=None, limits=Limits(tpm=10**6)))
+    assert p is not None
+    key = f"{PREFIX}{{{p.shard}}}:k:static:o:tpm"
+    try:
+        second = int(time.time())
+        await client.hset(key, mapping={second - 10: 100, TOTAL: 100, OLDEST: second - 10})
+        # A reservation of 0 tokens 30 s ago (no bucket) whose usage came late: a new oldest bucket.
+        await store.settle(p, "late", (second - 30,), 7)
+        check_total(await tpm_fields(client, key))
+        assert (await store.usage(p))[0].used == 107
+        reset = (await store.reserve(p, "next", 1, TTL_MS)).states[0].reset_ms
+        assert 29_000 < reset <= 31_000  # from the bucket of 30 s ago, not 10 s ago
+        # A lost reservation whose bucket has gone meanwhile: nothing left to undo there.
+        await client.hset(f"{PREFIX}{{{p.shard}}}:lease:gone", mapping={"e": 40, "1": second - 50})
+        assert await store.release(p, "gone", TTL_MS)
+        check_total(await tpm_fields(client, key))
+        assert (await store.usage(p))[0].used == 108
+        # A full refund empties the oldest bucket: the reset moves to the next one.
+        await store.settle(p, "late", (second - 30,), -7)
+        check_total(await tpm_fields(client, key))
+        state = (await store.reserve(p, "after", 1, TTL_MS)).states[0]
+        assert state.used == 102 and 49_000 < state.reset_ms <= 51_000
     finally:
         await client.aclose()
         await store.close()

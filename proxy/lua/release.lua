@@ -9,6 +9,7 @@
 -- ARGV     lease id, tombstone ttl (ms), then kind_i for each check
 -- Returns  1 if it undid a reservation, 0 if there was none to undo
 
+local TOTAL, OLDEST = '-1', '-2'  -- of a tpm hash: see reserve.lua
 local lease, ttl = ARGV[1], tonumber(ARGV[2])
 local n = #ARGV - 2
 local record = KEYS[n + 1]
@@ -20,8 +21,17 @@ if estimate then
     local window = tonumber(redis.call('HGET', record, i))
     if kind == 'rpm' or kind == 'concurrency' then
       redis.call('ZREM', key, lease)
-    elseif kind == 'tpm' then
-      if redis.call('HINCRBY', key, window, -estimate) <= 0 then redis.call('HDEL', key, window) end
+    elseif kind == 'tpm' and estimate > 0 then  -- reserve charged no bucket for an estimate of 0
+      -- As settle.lua's add(): TOTAL follows what the bucket really lost (nothing, if it
+      -- expired meanwhile), and a bucket that goes may have been the oldest.
+      local r = redis.call('HINCRBY', key, window, -estimate)
+      local change = -estimate
+      if r <= 0 then
+        redis.call('HDEL', key, window)
+        redis.call('HDEL', key, OLDEST)
+        change = -estimate - r
+      end
+      if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
     elseif tonumber(redis.call('HGET', key, 'w')) == window then  -- day, month: still that window
       if redis.call('HINCRBY', key, 'n', -estimate) < 0 then redis.call('HSET', key, 'n', 0) end
     end

@@ -66,50 +66,115 @@ local function calendar(kind)
   return index, first_day(ny, nm) * DAY
 end
 
--- Buckets of a tpm hash still counted, oldest first; stale ones are dropped when writing.
+-- A tpm hash holds one field per 1-second bucket (its index => tokens) and two more:
+-- TOTAL, the sum of every bucket field, and OLDEST, the oldest bucket field's index.
+-- Every script that changes a bucket keeps TOTAL exact; no bucket field is kept at 0
+-- (a bucket brought to 0 is deleted, an estimate of 0 adds none), so OLDEST is also the
+-- oldest non-empty bucket, whose expiry is the reset header. A script that adds or
+-- deletes a bucket field other than the current second's deletes OLDEST instead of
+-- finding the new one; the next reserve then rebuilds both from the buckets (below).
+-- So while OLDEST is still counted, a check reads two fields, not every bucket.
+-- The names are numbers below any bucket index: a script of the previous layout, which
+-- reads every field as a bucket, takes them for expired buckets and deletes them
+-- (without failing), and the next reserve here rebuilds them.
+local TOTAL, OLDEST = '-1', '-2'
+
+-- Buckets of a tpm hash still counted, oldest first (for a denial's retry_ms, or the
+-- admin API's peek past an expired bucket).
 local function counted(key)
   local oldest = math.floor(now / BUCKET) - BUCKETS
   local raw = redis.call('HGETALL', key)
   local list = {}
   for i = 1, #raw, 2 do
     local b = tonumber(raw[i])
-    if b >= oldest then
-      list[#list + 1] = {b, tonumber(raw[i + 1])}
-    elseif writing then
-      redis.call('HDEL', key, raw[i])
-    end
+    if b >= oldest then list[#list + 1] = {b, tonumber(raw[i + 1])} end
   end
   table.sort(list, function(a, b) return a[1] < b[1] end)
   return list
 end
 
+-- Drop expired (and empty) buckets and recompute TOTAL and OLDEST from those left: on a
+-- reserve, when OLDEST has expired (at most about once a second under steady traffic)
+-- or is unknown. Recomputing rather than subtracting also heals a TOTAL that a script of
+-- the previous layout left behind. Returns total, oldest (nil when no bucket is left).
+local function rebuild(key)
+  local cutoff = math.floor(now / BUCKET) - BUCKETS
+  local raw = redis.call('HGETALL', key)
+  local total, first, stale = 0, nil, {}
+  for i = 1, #raw, 2 do
+    local b, v = tonumber(raw[i]), tonumber(raw[i + 1])
+    if b >= 0 then  -- a bucket, not TOTAL or OLDEST
+      if b < cutoff or v <= 0 then
+        stale[#stale + 1] = raw[i]
+      else
+        total = total + v
+        if first == nil or b < first then first = b end
+      end
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  if first then
+    redis.call('HSET', key, TOTAL, total, OLDEST, first)
+  elseif #raw > 0 then
+    redis.call('DEL', key)  -- nothing counted is left
+  end
+  return total, first
+end
+
+-- What state() read of each tpm hash, for charge(): {total, oldest}
+local tpm_read = {}
+
 -- used, reset_ms, retry_ms (if it had no room) of one check
 local function state(key, kind, limit)
   if kind == 'rpm' then
-    local low = '(' .. (now - WINDOW)
-    if writing then redis.call('ZREMRANGEBYSCORE', key, '-inf', now - WINDOW) end
-    local used = redis.call('ZCOUNT', key, low, '+inf')
-    local first = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local used, first
+    if writing then
+      -- Once entries that left the window are removed, the rest are all counted.
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - WINDOW)
+      used = redis.call('ZCARD', key)
+      first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    else
+      local low = '(' .. (now - WINDOW)
+      used = redis.call('ZCOUNT', key, low, '+inf')
+      first = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    end
     local reset = first[2] and tonumber(first[2]) + WINDOW - now or 0
     local retry = WINDOW
     if used >= limit and used - limit < used then
-      local e = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', used - limit, 1)
+      -- The entry whose leaving brings the count below the limit (rare: a denial).
+      local e = redis.call('ZRANGEBYSCORE', key, '(' .. (now - WINDOW), '+inf', 'WITHSCORES',
+        'LIMIT', used - limit, 1)
       retry = tonumber(e[2]) + WINDOW - now
     end
     return used, reset, retry
   elseif kind == 'tpm' then
-    local list = counted(key)
-    local used, reset = 0, 0
-    for _, e in ipairs(list) do
-      used = used + e[2]
-      if reset == 0 and e[2] > 0 then reset = (e[1] + BUCKETS + 1) * BUCKET - now end
+    local cutoff = math.floor(now / BUCKET) - BUCKETS
+    local stored = redis.call('HMGET', key, TOTAL, OLDEST)
+    local used, oldest = tonumber(stored[1]), tonumber(stored[2])
+    if used == nil or oldest == nil or oldest < cutoff then
+      if writing then
+        used, oldest = rebuild(key)
+      else
+        -- peek writes nothing: sum what is still counted
+        used, oldest = 0, nil
+        for _, e in ipairs(counted(key)) do
+          used = used + e[2]
+          if oldest == nil and e[2] > 0 then oldest = e[1] end
+        end
+      end
     end
-    local retry, left = WINDOW, used
-    for _, e in ipairs(list) do
-      left = left - e[2]
-      if left < limit then
-        retry = (e[1] + BUCKETS + 1) * BUCKET - now
-        break
+    tpm_read[key] = {used, oldest}
+    local reset = oldest and (oldest + BUCKETS + 1) * BUCKET - now or 0
+    local retry = WINDOW
+    if used >= limit then
+      -- The bucket whose leaving brings the sum below the limit (rare: a denial).
+      local left = used
+      for _, e in ipairs(counted(key)) do
+        left = left - e[2]
+        if left < limit then
+          retry = (e[1] + BUCKETS + 1) * BUCKET - now
+          break
+        end
       end
     end
     return used, reset, retry
@@ -131,8 +196,13 @@ local function charge(key, kind)
     return 0
   elseif kind == 'tpm' then
     local bucket = math.floor(now / BUCKET)
-    redis.call('HINCRBY', key, bucket, estimate)
-    redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET)
+    if estimate > 0 then  -- no bucket field at 0 (see TOTAL)
+      local read = tpm_read[key]
+      redis.call('HINCRBY', key, bucket, estimate)
+      -- state() left TOTAL exact and OLDEST counted; this bucket is the newest
+      redis.call('HSET', key, TOTAL, read[1] + estimate, OLDEST, read[2] or bucket)
+      redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET)
+    end
     return bucket
   elseif kind == 'concurrency' then
     redis.call('ZADD', key, now + ttl, lease)

@@ -9,6 +9,21 @@
 -- outlast lease_ttl); the record goes, so a release can no longer undo this lease.
 
 local BUCKET, BUCKETS = 1000, 60
+local TOTAL, OLDEST = '-1', '-2'  -- of a tpm hash: see reserve.lua
+
+-- Add delta to one bucket of a tpm hash, keeping TOTAL exact and no bucket at 0 or below.
+-- A bucket field that appears (other than the current second's, which cannot be older
+-- than any other) or goes may change the oldest: forget OLDEST, the next reserve rebuilds it.
+local function add(key, bucket, delta, current)
+  local r = redis.call('HINCRBY', key, bucket, delta)
+  local change = delta
+  if r <= 0 then
+    redis.call('HDEL', key, bucket)
+    change = delta - r  -- it went to 0 from r - delta, not to r
+  end
+  if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
+  if r <= 0 or (r == delta and bucket ~= current) then redis.call('HDEL', key, OLDEST) end
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,7 +44,7 @@ for i = 1, n do
       target = current
     end
     if target then
-      if redis.call('HINCRBY', key, target, delta) < 0 then redis.call('HSET', key, target, 0) end
+      add(key, target, delta, current)
       redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET)
     end
   elseif (kind == 'day' or kind == 'month') and delta ~= 0 then
