@@ -62,6 +62,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
             await issued.close()
             await gateway.close()
             tel.tracing.shutdown()
+            tel.access.flush()
 
     chat = ChatCompletions(gateway)
     app = Starlette(

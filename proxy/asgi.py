@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, MutableMapping
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Iterable, MutableMapping
+from types import TracebackType
+from typing import Any, Literal
 
 from .errors import Header, InvalidRequestError, ProxyError, RequestTooLargeError
 
@@ -74,31 +74,46 @@ class DisconnectWatch:
 
     uvicorn does not fail ``send`` after a disconnect, so without this an
     abandoned request would keep its upstream busy to the end.
+
+    ``with watch.watching(receive):`` — a plain (not async) context manager:
+    starting and stopping the watcher needs no await, and a generator-based
+    one costs more per request.
     """
+
+    __slots__ = ("_receive", "_task", "_watcher", "finishing", "gone")
 
     def __init__(self) -> None:
         self.finishing = False
         self.gone = False
+        self._receive: Receive = None
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
-    @asynccontextmanager
-    async def watching(self, receive: Receive) -> AsyncIterator[DisconnectWatch]:
+    def watching(self, receive: Receive) -> DisconnectWatch:
+        self._receive = receive
+        return self
+
+    def __enter__(self) -> DisconnectWatch:
         task = asyncio.current_task()
         assert task is not None
+        self._task = task
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not self.finishing:
-                self.gone = True
-                task.cancel()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        assert self._watcher is not None and self._task is not None
+        self._watcher.cancel()
+        if exc_type is asyncio.CancelledError and self.gone:
+            self._task.uncancel()
+            raise ClientGone from None
+        return False
 
-        watcher = asyncio.get_running_loop().create_task(watch())
-        try:
-            yield self
-        except asyncio.CancelledError:
-            if self.gone:
-                task.uncancel()
-                raise ClientGone from None
-            raise
-        finally:
-            watcher.cancel()
+    async def _watch(self) -> None:
+        receive = self._receive
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.finishing:
+            self.gone = True
+            assert self._task is not None
+            self._task.cancel()

@@ -30,6 +30,7 @@ from .mock import models_body
 from .schema import ChatRequest, parse_chat_request
 from .streaming import SseRelay, error_event
 from .tracing import RequestSpan
+from .watchdog import Watchdog
 
 _JSON = b"application/json"
 _SSE_HEADERS: tuple[Header, ...] = (
@@ -67,9 +68,10 @@ class ChatCompletions:
         tel = self.gateway.telemetry
         record = RequestRecord(started=time.perf_counter())
         tel.metrics.request_started()
+        watchdog = Watchdog()  # every deadline of this request: one timer
         with tel.tracing.server_span("POST /v1/chat/completions", scope["headers"]) as span:
             try:
-                await self._handle(scope, receive, send, record, span)
+                await self._handle(scope, receive, send, record, span, watchdog)
             except ProxyError as exc:
                 record.status, record.error_code = exc.status, exc.code
                 if isinstance(exc, RateLimitError) and exc.limit:
@@ -78,15 +80,16 @@ class ChatCompletions:
             except ClientGone:
                 record.status, record.error_code = 499, "client_closed_request"
             finally:
+                watchdog.close()
                 _observe(self.gateway, scope, record, span)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord,
-                      span: RequestSpan) -> None:
+                      span: RequestSpan, watchdog: Watchdog) -> None:
         gw = self.gateway
         rt = gw.runtime
         policy = await authenticate(gw, rt, scope)
         record.team, record.key_name = policy.team or "", policy.name
-        raw = await _read_body(receive, scope, rt)
+        raw = await _read_body(receive, scope, rt, watchdog)
         content_type = header(scope, b"content-type")
         request = parse_chat_request(raw, content_type.decode("latin-1") if content_type else None)
         record.stream = request.stream
@@ -101,13 +104,13 @@ class ChatCompletions:
         forwarded: Forwarded | None = None
         forward_started = time.perf_counter()
         try:
-            async with watch.watching(receive):
+            with watch.watching(receive):
                 forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
-                                                       _forward_headers(scope))
+                                                       _forward_headers(scope), watchdog)
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
                 if request.stream and forwarded.response.status < 400:
-                    await self._relay_stream(send, request, forwarded, record, watch)
+                    await self._relay_stream(send, request, forwarded, record, watch, watchdog)
                 else:
                     await self._relay_body(send, request, forwarded, record, watch)
         finally:
@@ -126,13 +129,13 @@ class ChatCompletions:
         await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
 
     async def _relay_stream(self, send: Send, request: ChatRequest, fwd: Forwarded,
-                            record: RequestRecord, watch: DisconnectWatch) -> None:
+                            record: RequestRecord, watch: DisconnectWatch, watchdog: Watchdog) -> None:
         relay = SseRelay(strip_usage=not request.include_usage)
         record.status = 200
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, *record.headers, *_upstream_header(fwd)]})
         try:
-            await self._pump(send, relay, fwd)
+            await self._pump(send, relay, fwd, watchdog)
         except ProxyError as exc:
             record.status = 502
             code = exc.code if isinstance(exc, UpstreamStreamError) else "upstream_stream_error"
@@ -143,9 +146,9 @@ class ChatCompletions:
         watch.finishing = True
         await send({"type": "http.response.body", "body": b""})
 
-    async def _pump(self, send: Send, relay: SseRelay, fwd: Forwarded) -> None:
+    async def _pump(self, send: Send, relay: SseRelay, fwd: Forwarded, watchdog: Watchdog) -> None:
         timeouts = fwd.candidate.upstream.config.timeout
-        deadline = time.monotonic() + timeouts.total
+        deadline = watchdog.time() + timeouts.total
         chunk = fwd.first
         while chunk:
             out = relay.feed(chunk)
@@ -153,7 +156,8 @@ class ChatCompletions:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             if relay.done:
                 return
-            chunk = await _next_chunk(fwd, min(timeouts.idle, deadline - time.monotonic()))
+            # Only the waits for the upstream count, not the sends to a slow client.
+            chunk = await _next_chunk(fwd, watchdog, min(watchdog.time() + timeouts.idle, deadline))
         leftover = relay.leftover()
         if leftover:
             await send({"type": "http.response.body", "body": leftover, "more_body": True})
@@ -161,13 +165,17 @@ class ChatCompletions:
                                   code="upstream_stream_cut")
 
 
-async def _next_chunk(fwd: Forwarded, wait: float) -> bytes:
+async def _next_chunk(fwd: Forwarded, watchdog: Watchdog, deadline: float) -> bytes:
+    watchdog.expire_at(deadline)
     try:
-        async with asyncio.timeout(max(wait, 0.0)):
-            return await fwd.response.read_chunk()
-    except TimeoutError:
-        raise UpstreamStreamError("The upstream stopped sending for too long; the stream was ended.",
-                         code="upstream_idle_timeout") from None
+        return await fwd.response.read_chunk()
+    except asyncio.CancelledError:
+        if watchdog.expired():
+            raise UpstreamStreamError("The upstream stopped sending for too long; the stream was ended.",
+                                      code="upstream_idle_timeout") from None
+        raise
+    finally:
+        watchdog.clear()
 
 
 def _observe(gw: Gateway, scope: Scope, record: RequestRecord, span: RequestSpan) -> None:
@@ -207,12 +215,17 @@ async def authenticate(gw: Gateway, rt: Runtime, scope: Scope) -> KeyPolicy:
         raise
 
 
-async def _read_body(receive: Receive, scope: Scope, rt: Runtime) -> bytes:
+async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watchdog) -> bytes:
+    # The request's one timer is armed here: the attempts and the stream move it.
+    watchdog.expire_in(rt.config.server.body_timeout)
     try:
-        async with asyncio.timeout(rt.config.server.body_timeout):
-            return await read_body(receive, scope, rt.config.server.max_body_bytes)
-    except TimeoutError:
-        raise RequestTimeoutError("The request body did not arrive in time.") from None
+        return await read_body(receive, scope, rt.config.server.max_body_bytes)
+    except asyncio.CancelledError:
+        if watchdog.expired():
+            raise RequestTimeoutError("The request body did not arrive in time.") from None
+        raise
+    finally:
+        watchdog.clear()
 
 
 def _estimate(request: ChatRequest, rt: Runtime) -> int:

@@ -3,7 +3,7 @@
 Every error the gateway produces itself is one of these. Each knows its HTTP
 status and its OpenAI error ``type``/``code``, so the HTTP layer renders them
 all the same way: ``{"error": {"message", "type", "param", "code"}}``.
-Library errors (aiohttp, redis, yaml) are translated into these at the edges.
+Library errors (the HTTP client's, redis, yaml) are translated into these at the edges.
 """
 
 from __future__ import annotations

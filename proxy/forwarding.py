@@ -32,6 +32,7 @@ from .retry_budget import RetryBudget
 from .schema import ChatRequest
 from .tracing import Tracing
 from .transport import UpstreamResponse
+from .watchdog import Watchdog
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -120,14 +121,15 @@ class Forwarder:
         self.budget = budget
 
     async def forward(self, pool: Pool, routing: RoutingConfig, request: ChatRequest, route: Route,
-                      extra_headers: dict[str, str]) -> Forwarded:
+                      extra_headers: dict[str, str], watchdog: Watchdog) -> Forwarded:
+        """``watchdog``: the request's, which bounds each attempt."""
         deadline = self._clock() + routing.deadline
         if self.budget is not None:
             self.budget.deposit()
         state = _Tries()
         for model, candidates in route.models:
             result = await self._try_model(pool, routing, request, model, candidates, deadline,
-                                           extra_headers, state)
+                                           extra_headers, state, watchdog)
             if result is not None:
                 result.model, result.request_model = model, request.model
                 return result
@@ -138,7 +140,7 @@ class Forwarder:
 
     async def _try_model(self, pool: Pool, routing: RoutingConfig, request: ChatRequest, model: str,
                          candidates: Sequence[Candidate], deadline: float,
-                         extra_headers: dict[str, str], state: _Tries) -> Forwarded | None:
+                         extra_headers: dict[str, str], state: _Tries, watchdog: Watchdog) -> Forwarded | None:
         tried: set[str] = set()
         attempts = 0
         while attempts < routing.max_attempts:
@@ -156,7 +158,8 @@ class Forwarder:
             attempts += 1
             state.attempts += 1
             try:
-                result = await self._attempt(candidate, request, deadline, extra_headers, state.attempts)
+                result = await self._attempt(candidate, request, deadline, extra_headers, state.attempts,
+                                             watchdog)
             except _AttemptFailed as failed:
                 state.last, state.failed_upstream = failed.error, candidate.upstream.name
                 continue
@@ -188,14 +191,14 @@ class Forwarder:
         return True
 
     async def _attempt(self, candidate: Candidate, request: ChatRequest, deadline: float,
-                       extra_headers: dict[str, str], number: int) -> Forwarded:
+                       extra_headers: dict[str, str], number: int, watchdog: Watchdog) -> Forwarded:
         up = candidate.upstream
         with self._tracing.attempt_span(upstream=up.name, provider=up.config.provider, model=request.model,
                                         upstream_model=candidate.model, attempt=number) as span:
             headers = {**_BASE_HEADERS, **providers.auth_headers(up.config), **extra_headers}
             span.inject(headers)
             try:
-                result = await self._send(candidate, request, deadline, headers)
+                result = await self._send(candidate, request, deadline, headers, watchdog)
             except _AttemptFailed as failed:
                 span.result(failed.outcome, failed.status)
                 raise
@@ -203,7 +206,7 @@ class Forwarder:
             return result
 
     async def _send(self, candidate: Candidate, request: ChatRequest, deadline: float,
-                    headers: dict[str, str]) -> Forwarded:
+                    headers: dict[str, str], watchdog: Watchdog) -> Forwarded:
         up = candidate.upstream
         cfg = up.config
         started = self._clock()
@@ -212,19 +215,26 @@ class Forwarder:
         limit = min(cfg.timeout.first_byte if request.stream else cfg.timeout.total,
                     deadline - started)
         response: UpstreamResponse | None = None
+        watchdog.expire_in(limit)
         try:
-            async with asyncio.timeout(limit):
-                response = await up.transport.post(providers.chat_url(cfg, candidate.model), headers,
-                                                   _payload(request, candidate.model))
-                self._check_status(candidate, response)
-                relayed_error = response.status >= 400
-                if request.stream and not relayed_error:
-                    _check_event_stream(response)
-                first = await (response.read_chunk() if request.stream and not relayed_error
-                               else _read_body(response))
+            response = await up.transport.post(providers.chat_url(cfg, candidate.model), headers,
+                                               _payload(request, candidate.model))
+            self._check_status(candidate, response)
+            relayed_error = response.status >= 400
+            if request.stream and not relayed_error:
+                _check_event_stream(response)
+            first = await (response.read_chunk() if request.stream and not relayed_error
+                           else _read_body(response))
             if not relayed_error:
                 self._check_first(request, first)
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not watchdog.expired():
+                # Cancelled from outside (the client went away): the upstream is given back
+                # unjudged, and an answer begun is closed (its connection is not left in use).
+                up.in_flight -= 1
+                if response is not None:
+                    response.close()
+                raise
             self._fail(candidate, response, "timeout", started, health=True)
             raise _AttemptFailed("timeout", UpstreamTimeoutError(
                 f"The upstream did not answer within {limit:.3g}s.")) from None
@@ -235,6 +245,8 @@ class Forwarder:
             failed.status = response.status if response is not None else None
             self._fail(candidate, response, failed.outcome, started, health=failed.outcome != "429")
             raise
+        finally:
+            watchdog.clear()
         ttfb = self._clock() - started
         up.observe_ttfb(ttfb)
         self._events.attempt(up.name, "ok" if response.status < 400 else "4xx", ttfb)

@@ -7,7 +7,10 @@ in every other chunk), so the client receives the bytes the upstream would
 have sent it without the option. Otherwise bytes pass through untouched.
 
 Complete events are forwarded as soon as their blank line arrives; only an
-unfinished event is held back.
+unfinished event is held back. All complete events of a chunk are handled
+together: with ``\\n\\n`` framing (what every OpenAI-style upstream sends)
+one ``split`` finds them, and an event is parsed only when it carries a usage
+object; ``\\r`` framings take the general path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from typing import Any
 import orjson
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LF_END = b"\n\n"
+# The member include_usage adds to every chunk, in the order they are tried. None can
+# occur inside a JSON string (a quote there is escaped), so each is the member itself.
 _USAGE_NULL = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+_NULL_VALUE = b'"usage":null'  # _USAGE_NULL[0] without its comma
+_COMMA = ord(",")
+_USAGE = b'"usage"'
+_CONTENT = b'"content":"'
 _DONE = b"data: [DONE]"
 
 
@@ -33,17 +43,18 @@ class SseRelay:
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now."""
         buffer = self._pending + data if self._pending else data
-        out: list[bytes] = []
-        start = 0
-        while True:
-            end = _find_end(buffer, start)
-            if end is None:
-                break
-            stop, after = end
-            out.append(self._event(buffer[start:stop], buffer[stop:after]))
-            start = after
-        self._pending = buffer[start:]
-        return b"".join(out)
+        if b"\r" in buffer:
+            return self._feed_framed(buffer)
+        events = buffer.split(_LF_END)
+        self._pending = events.pop()
+        if not events:
+            return b""
+        if self.strip_usage or _USAGE in buffer or _DONE in buffer:
+            return self._relay_lf(events)
+        # Nothing to change or to parse: the complete events leave as they came.
+        if _CONTENT in buffer:
+            self.content_events += _count_content(events)
+        return buffer[:len(buffer) - len(self._pending)] if self._pending else buffer
 
     def leftover(self) -> bytes:
         """What to send of an unterminated last event when the upstream ends: nothing.
@@ -56,39 +67,82 @@ class SseRelay:
         self._pending = b""
         return b""
 
+    def _relay_lf(self, events: list[bytes]) -> bytes:
+        """Complete ``\\n\\n``-framed events (without their terminators) → the bytes to send.
+
+        One ``find`` per event: when its first ``"usage"`` is the member
+        include_usage adds, that is the first ``,"usage":null`` too, the one
+        ``_usage_member`` would remove, so it is cut out without that search."""
+        kept: list[bytes] = []
+        keep = kept.append
+        strip = self.strip_usage
+        content = 0
+        for event in events:
+            if event.startswith(_DONE):
+                self.done = True
+                keep(event)
+                continue
+            if _CONTENT in event:
+                content += 1
+            at = event.find(_USAGE)
+            if at < 0:
+                keep(event)
+            elif at and event[at - 1] == _COMMA and event.startswith(_NULL_VALUE, at):
+                keep(event[:at - 1] + event[at + len(_NULL_VALUE):] if strip else event)
+            elif (sent := self._usage_member(event)) is not None:
+                keep(sent)
+        self.content_events += content
+        if not kept:
+            return b""
+        keep(b"")
+        return _LF_END.join(kept)
+
+    def _feed_framed(self, buffer: bytes) -> bytes:
+        """Any of the three SSE line endings, one event at a time."""
+        out: list[bytes] = []
+        start = 0
+        while (match := _EVENT_END.search(buffer, start)) is not None:
+            out.append(self._event(buffer[start:match.start()], match.group()))
+            start = match.end()
+        self._pending = buffer[start:]
+        return b"".join(out)
+
     def _event(self, event: bytes, terminator: bytes) -> bytes:
         if event.startswith(_DONE):
             self.done = True
             return event + terminator
-        if b'"content":"' in event:
+        if _CONTENT in event:
             self.content_events += 1
-        if b'"usage"' not in event:
+        if _USAGE not in event:
             return event + terminator
+        changed = self._usage_member(event)
+        if changed is None:
+            return b""
+        return changed + terminator
+
+    def _usage_member(self, event: bytes) -> bytes | None:
+        """An event that names ``usage``: as it is to be sent, or None to drop it."""
         null = next((p for p in _USAGE_NULL if p in event), None)
         if null is not None:
-            return (event.replace(null, b"", 1) if self.strip_usage else event) + terminator
-        return self._usage_event(event, terminator)
+            return event.replace(null, b"", 1) if self.strip_usage else event
+        return self._usage_event(event)
 
-    def _usage_event(self, event: bytes, terminator: bytes) -> bytes:
+    def _usage_event(self, event: bytes) -> bytes | None:
         payload = _data_of(event)
         if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
-            return event + terminator
+            return event
         self.usage = payload["usage"]
         if not self.strip_usage:
-            return event + terminator
+            return event
         if not payload.get("choices"):
-            return b""
+            return None
         # Rare: usage riding on a content chunk. The client never asked for it.
         del payload["usage"]
-        return b"data: " + orjson.dumps(payload) + terminator
+        return b"data: " + orjson.dumps(payload)
 
 
-def _find_end(buffer: bytes, start: int) -> tuple[int, int] | None:
-    if b"\r" not in buffer:
-        i = buffer.find(b"\n\n", start)
-        return None if i < 0 else (i, i + 2)
-    match = _EVENT_END.search(buffer, start)
-    return None if match is None else (match.start(), match.end())
+def _count_content(events: list[bytes]) -> int:
+    return sum(1 for event in events if _CONTENT in event)
 
 
 def _data_of(event: bytes) -> Any:

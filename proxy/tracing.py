@@ -6,13 +6,20 @@ completion or a key: spans leave the process.
 
 Without an OTLP endpoint there is no provider, and ``Tracing`` hands out one
 shared do-nothing scope: no span, no context switch, no allocation per
-request. The global tracer provider is left alone (tests build several).
+request. When the provider's sampler can only drop the request's spans
+(``always_off``, a ratio of 0, or parent-based on those without a sampled
+parent), no SDK span is started either: the request gets the ids the SDK
+would have given its non-recording spans (the client's trace id or a new
+one, for the access log, and a traceparent naming each attempt, so the
+upstream still joins the client's trace), at about a third of the cost. The
+global tracer provider is left alone (tests build several).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from types import MappingProxyType, TracebackType
 from typing import Generic, Literal, TypeVar
 
@@ -20,7 +27,9 @@ from opentelemetry import context, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, StaticSampler, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .config import TelemetryConfig
@@ -139,6 +148,71 @@ class AttemptSpan:
         self._span.set_attributes(attrs)
 
 
+class _UnsampledTrace:
+    """A request whose spans the sampler drops: what its non-recording spans
+    would carry. ``flags`` are the SDK's for them (never sampled; the
+    random-trace-id bit as the SDK sets it); ``state`` is the client's
+    tracestate as the SDK re-serialises it."""
+
+    __slots__ = ("flags", "ids", "state", "trace_id")
+
+    def __init__(self, trace_id: int, flags: int, state: str, ids: IdGenerator) -> None:
+        self.trace_id = trace_id
+        self.flags = flags
+        self.state = state
+        self.ids = ids
+
+
+class _UnsampledRequestSpan(RequestSpan):
+    __slots__ = ("_trace",)
+
+    def __init__(self, unsampled: _UnsampledTrace) -> None:
+        super().__init__(trace.INVALID_SPAN)
+        self._trace = unsampled
+
+    @property
+    def trace_id(self) -> str:
+        return format(self._trace.trace_id, "032x")
+
+
+class _UnsampledAttemptSpan(AttemptSpan):
+    __slots__ = ("_trace",)
+
+    def __init__(self, unsampled: _UnsampledTrace) -> None:
+        super().__init__(trace.INVALID_SPAN)
+        self._trace = unsampled
+
+    def inject(self, headers: dict[str, str]) -> None:
+        """What the SDK's propagator writes for a non-recording attempt span."""
+        t = self._trace
+        headers["traceparent"] = f"00-{t.trace_id:032x}-{t.ids.generate_span_id():016x}-{t.flags:02x}"
+        if t.state:
+            headers["tracestate"] = t.state
+
+
+class _UnsampledScope(Generic[_H]):
+    """Makes the request's unsampled trace current (for its attempts) without an OTel context."""
+
+    __slots__ = ("_current", "_handle", "_token", "_trace")
+
+    def __init__(self, current: ContextVar[_UnsampledTrace | None], unsampled: _UnsampledTrace,
+                 handle: _H) -> None:
+        self._current = current
+        self._trace = unsampled
+        self._handle: _H = handle
+        self._token: Token[_UnsampledTrace | None] | None = None
+
+    def __enter__(self) -> _H:
+        self._token = self._current.set(self._trace)
+        return self._handle
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if self._token is not None:
+            self._current.reset(self._token)
+        return False
+
+
 class _Scope(Generic[_H]):
     """Makes a span current for a block and ends it; a plain class because a
     generator-based context manager costs more per request."""
@@ -192,6 +266,13 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         self._no_request = _NoScope(RequestSpan(trace.INVALID_SPAN))
         self._no_attempt = _NoScope(AttemptSpan(trace.INVALID_SPAN))
+        # The request (if any) in this task whose spans are dropped: its attempts follow it.
+        self._unsampled: ContextVar[_UnsampledTrace | None] = ContextVar(f"llm_proxy_unsampled_{id(self)}",
+                                                                         default=None)
+        sampler = provider.sampler if provider is not None else None
+        self._drops_roots = sampler is not None and _always_drops(sampler, "root")
+        self._drops_unsampled_remote = sampler is not None and _always_drops(sampler, "remote_unsampled")
+        self._drops_sampled_remote = sampler is not None and _always_drops(sampler, "remote_sampled")
 
     def server_span(self, name: str, headers: Headers,
                     attributes: Mapping[str, AttributeValue] | None = None,
@@ -200,9 +281,31 @@ class Tracing:
         continues the client's W3C traceparent when it sent one."""
         if self._tracer is None:
             return self._no_request
-        parent = self._propagator.extract(_carrier(headers))
+        carrier = _carrier(headers)
+        parent = self._propagator.extract(carrier) if carrier else context.Context()
+        unsampled = self._unsampled_trace(parent)
+        if unsampled is not None:
+            return _UnsampledScope(self._unsampled, unsampled, _UnsampledRequestSpan(unsampled))
         span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
         return _Scope(span, RequestSpan(span))
+
+    def _unsampled_trace(self, parent: context.Context) -> _UnsampledTrace | None:
+        """The request's ids when the sampler can only drop its spans and its
+        attempts' (as the SDK's ``Tracer.start_span`` would set them); else None."""
+        assert self.provider is not None
+        ids = self.provider.id_generator
+        remote = trace.get_current_span(parent).get_span_context()
+        if not remote.is_valid:
+            if not self._drops_roots:
+                return None
+            random_id = ids.is_trace_id_random()
+            return _UnsampledTrace(ids.generate_trace_id(), TraceFlags.RANDOM_TRACE_ID if random_id else 0,
+                                   "", ids)
+        if not (self._drops_sampled_remote if remote.trace_flags.sampled else self._drops_unsampled_remote):
+            return None
+        random_bit = TraceFlags.RANDOM_TRACE_ID if remote.trace_flags.random_trace_id else 0
+        state = remote.trace_state.to_header() if remote.trace_state else ""
+        return _UnsampledTrace(remote.trace_id, random_bit, state, ids)
 
     def attempt_span(self, *, upstream: str, provider: str, model: str, upstream_model: str,
                      attempt: int, server_address: str | None = None,
@@ -211,6 +314,9 @@ class Tracing:
         A child of the current span: open it inside ``server_span``."""
         if self._tracer is None:
             return self._no_attempt
+        unsampled = self._unsampled.get()
+        if unsampled is not None:
+            return _NoScope(_UnsampledAttemptSpan(unsampled))
         attrs: dict[str, AttributeValue] = {
             "gen_ai.operation.name": "chat", "gen_ai.provider.name": gen_ai_provider(provider),
             "gen_ai.system": gen_ai_provider(provider), "gen_ai.request.model": upstream_model,
@@ -236,6 +342,32 @@ class Tracing:
         """Flushes spans still queued; call once at exit."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+_Parent = Literal["root", "remote_sampled", "remote_unsampled"]
+_PARENT_BASED_DELEGATES = MappingProxyType({
+    "root": "_root", "remote_sampled": "_remote_parent_sampled",
+    "remote_unsampled": "_remote_parent_not_sampled", "local_unsampled": "_local_parent_not_sampled",
+})
+
+
+def _always_drops(sampler: Sampler, parent: _Parent) -> bool:
+    """Whether ``sampler`` drops every span with such a parent, and every
+    attempt span under it (a local parent that is not sampled): only the
+    SDK's own samplers are known; any other may sample."""
+    return _drops(sampler, parent) and _drops(sampler, "local_unsampled")
+
+
+def _drops(sampler: Sampler, parent: _Parent | Literal["local_unsampled"]) -> bool:
+    if isinstance(sampler, StaticSampler):
+        return sampler.get_description() == ALWAYS_OFF.get_description()
+    if isinstance(sampler, TraceIdRatioBased):
+        return sampler.bound == 0  # the sampler keeps trace ids below its bound
+    if isinstance(sampler, ParentBased):
+        # The delegates have no public accessor; without them the SDK decides, span by span.
+        chosen = getattr(sampler, _PARENT_BASED_DELEGATES[parent], None)
+        return isinstance(chosen, Sampler) and _drops(chosen, "root")
+    return False
 
 
 def _carrier(headers: Headers) -> dict[str, str]:

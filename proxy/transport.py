@@ -1,22 +1,44 @@
-"""The edge to upstreams: one pooled HTTP client per upstream, and the mock.
+"""The edge to upstreams: one keep-alive HTTP/1.1 connection pool per upstream, and the mock.
 
 Everything above this module sees only ``Transport`` and ``UpstreamResponse``;
-aiohttp's exceptions are translated here into ``UpstreamConnectionError``.
-aiohttp was chosen over httpx by measurement (bench/README.md).
+connection and protocol failures are translated here into
+``UpstreamConnectionError``.
+
+The client is this module's own: ``asyncio.Protocol`` connections whose
+answers httptools parses (uvicorn ships it). One upstream call cost the
+gateway about 48 µs of CPU through aiohttp's ``ClientSession`` (which
+httpx cost 25 times more than) and costs about 10 here (bench/README.md, #2):
+the request head is one string written with its body, the answer's bytes
+are handed over as they arrive, and nothing else happens per request. What
+it does, as aiohttp did for the gateway: keep-alive connections (an idle one
+is closed after ``KEEPALIVE_SECONDS``), at most ``max_concurrency`` in use
+(others wait, within the connect timeout), TLS for https, bodies framed by
+Content-Length, chunked or the end of the connection, and a body cut short
+is an error, raised once the bytes before the cut were read. It keeps no
+cookies (aiohttp sent a provider's cookies back; no client should share them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ssl
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Protocol, cast
 
-import aiohttp
+import httptools
 import orjson
+from multidict import CIMultiDict
+from yarl import URL
 
 from . import mock
 from .config import UpstreamConfig
 from .errors import UpstreamConnectionError
+
+KEEPALIVE_SECONDS = 30.0
+# Unread answer bytes above which the connection stops reading (a slow client
+# must not make the gateway buffer a fast upstream's whole answer).
+HIGH_WATER = 256 * 1024
 
 
 class UpstreamResponse(Protocol):
@@ -40,44 +62,328 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-class _HttpResponse:
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.headers: Mapping[str, str] = resp.headers
+class _Target:
+    """What a URL string gives a request: where to connect and what to ask for."""
+
+    __slots__ = ("address", "head")
+
+    def __init__(self, url: str, method: str) -> None:
+        parsed = URL(url)  # percent-encodes what needs it, as aiohttp did
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+            raise UpstreamConnectionError(f"cannot reach upstream: unsupported URL scheme {parsed.scheme!r}")
+        self.address = (parsed.raw_host, parsed.port or (443 if parsed.scheme == "https" else 80),
+                        parsed.scheme == "https")
+        self.head = f"{method} {parsed.raw_path_qs} HTTP/1.1\r\nHost: {parsed.host_port_subcomponent}\r\n"
+
+
+def _request_head(target: _Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
+    """The request line and headers, with the headers aiohttp added (Accept, the
+    Accept-Encoding it could decode when none is given, Content-Length)."""
+    lines = [target.head]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise ValueError(f"header {name!r} cannot be sent: it would split the request")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("Accept: */*\r\n")
+    if body is None:
+        if not any(name.lower() == "accept-encoding" for name in headers):
+            lines.append("Accept-Encoding: gzip, deflate\r\n")
+        lines.append("\r\n")
+    else:
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return "".join(lines).encode("utf-8")
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one request at a time, its answer parsed as it arrives."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._status = 0
+        self._head: asyncio.Future[None] | None = None  # resolved by the answer's headers
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._keep_alive = False  # read at the answer's end (the parser forgets it after)
+        self._error: str | None = None  # why the answer cannot go on (the exception's name)
+
+    # --- the request side ---
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers, self._status, self._complete, self._keep_alive, self._error = [], 0, False, False, None
+        self._chunks.clear()
+        self._buffered = 0
+        self._head = asyncio.get_running_loop().create_future()
+        if self.lost or self.transport.is_closing():
+            self._fail("ServerDisconnectedError")  # closed by the upstream while idle
+            return
+        self.transport.write(data)
+
+    async def response_head(self) -> tuple[int, CIMultiDict[str]]:
+        assert self._head is not None
+        await self._head
+        if self._error is not None:
+            raise UpstreamConnectionError(f"cannot reach upstream: {self._error}")
+        return self._status, CIMultiDict(self._headers)
 
     async def read_chunk(self) -> bytes:
+        while not self._chunks:
+            if self._error is not None:
+                raise UpstreamConnectionError(f"upstream connection broke: {self._error}")
+            if self._complete:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        """The answer was read to its end and the connection may carry another."""
+        return self._complete and self._keep_alive and self._error is None and not self.lost
+
+    def abort(self) -> None:
+        self.lost = True  # at once: connection_lost comes an iteration later, and it must not be reused
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is one, but not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None or self._complete:
+            self._fail("UnexpectedData")  # bytes nobody asked for: this connection is done
+            self.abort()
+            return
         try:
-            return await self._resp.content.readany()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamConnectionError(f"upstream connection broke: {type(exc).__name__}") from None
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(type(exc).__name__)
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._parser is None or self._complete:
+            return
+        if self._error is None and self._status and not self._framed():
+            self._finish()  # a body without a length ends with the connection
+        else:
+            self._fail(type(exc).__name__ if exc is not None else "ServerDisconnectedError")
+
+    def pause_writing(self) -> None:  # the request body is written at once; nothing to hold back
+        return None
+
+    def resume_writing(self) -> None:
+        return None
+
+    # --- httptools callbacks ---
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._headers = []  # an interim answer (100 Continue): the real one follows
+            return
+        self._status = status
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200 or self._status == 0:
+            return
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
+        self._finish()
+
+    # --- internals ---
+
+    def _framed(self) -> bool:
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == "content-length" or (lowered == "transfer-encoding" and "chunked" in value.lower()):
+                return True
+        return self._status in (204, 304)
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None and not self._complete:
+            self._error = reason
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Pool:
+    """Keep-alive connections to one address; at most ``limit`` in use (0: no limit)."""
+
+    def __init__(self, address: tuple[str, int, bool], limit: int, connect_timeout: float,
+                 tls: ssl.SSLContext | None) -> None:
+        self._host, self._port, _ = address
+        self._limit = limit
+        self._connect_timeout = connect_timeout
+        self._tls = tls
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self._in_use = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def acquire(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.lost and loop.time() - conn.idle_since < KEEPALIVE_SECONDS:
+                self._in_use += 1
+                return conn
+            self._drop(conn)
+        try:
+            async with asyncio.timeout(self._connect_timeout):  # the wait for a free slot counts, as in aiohttp
+                if self._limit and self._in_use >= self._limit:
+                    await self._wait_for_slot(loop)
+                self._in_use += 1
+                try:
+                    _, conn = await loop.create_connection(
+                        _Connection, self._host, self._port, ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None)
+                except BaseException:
+                    self._release_slot()
+                    raise
+        except TimeoutError:
+            raise UpstreamConnectionError("cannot reach upstream: ConnectionTimeoutError") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: _Connection) -> None:
+        """Give back a connection whose answer is over: kept when it can carry another."""
+        self._release_slot()
+        if conn.reusable:
+            loop = asyncio.get_running_loop()
+            conn.idle_since = loop.time()
+            self._idle.append(conn)
+            if self._sweeper is None:
+                self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)
+        else:
+            conn.abort()
+            self._drop(conn)
 
     def close(self) -> None:
-        if self._resp.content.at_eof():
-            self._resp.release()
-        else:
-            self._resp.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._all):
+            conn.abort()
+        self._all.clear()
+        self._idle.clear()
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._in_use >= self._limit:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_next()  # woken, then cancelled: the free slot goes to the next one
+                raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _release_slot(self) -> None:
+        self._in_use -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _drop(self, conn: _Connection) -> None:
+        conn.abort()
+        self._all.discard(conn)
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than KEEPALIVE_SECONDS; run while any are idle."""
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        keep = [c for c in self._idle if not c.lost and now - c.idle_since < KEEPALIVE_SECONDS]
+        for conn in self._idle:
+            if conn not in keep:
+                self._drop(conn)
+        self._idle = keep
+        if keep:
+            wait = KEEPALIVE_SECONDS - (now - min(c.idle_since for c in keep))
+            self._sweeper = asyncio.get_running_loop().call_later(max(wait, 0.05), self._sweep)
+
+
+class _HttpResponse:
+    __slots__ = ("_conn", "_pool", "headers", "status")
+
+    def __init__(self, pool: _Pool, conn: _Connection, status: int, headers: CIMultiDict[str]) -> None:
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        self.status = status
+        self.headers: Mapping[str, str] = headers
+
+    async def read_chunk(self) -> bytes:
+        if self._conn is None:
+            return b""
+        return await self._conn.read_chunk()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.release(conn)
 
 
 class HttpTransport:
-    """A keep-alive connection pool to one upstream, created inside the event loop."""
+    """Keep-alive connection pools to one upstream, created inside the event loop."""
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._config.max_concurrency or 0,
-                                             ttl_dns_cache=60, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._config.timeout.connect,
-                                              connect=self._config.timeout.connect),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Content-Type"),
-            )
-        return self._session
+        self._pools: dict[tuple[str, int, bool], _Pool] = {}
+        self._targets: dict[tuple[str, str], _Target] = {}  # the upstream's few URLs, parsed once
+        self._tls: ssl.SSLContext | None = None
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
         return await self._request("POST", url, headers, body)
@@ -87,17 +393,35 @@ class HttpTransport:
 
     async def _request(self, method: str, url: str, headers: Mapping[str, str],
                        body: bytes | None) -> UpstreamResponse:
+        target = self._targets.get((method, url))
+        if target is None:
+            target = self._targets[(method, url)] = _Target(url, method)
+        pool = self._pools.get(target.address)
+        if pool is None:
+            pool = self._pools[target.address] = self._pool(target.address)
+        head = _request_head(target, headers, body)
+        conn = await pool.acquire()
         try:
-            resp = await self._client().request(method, url, headers=headers, data=body,
-                                                allow_redirects=False)
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
-        return _HttpResponse(resp)
+            conn.send(head + body if body else head)
+            status, response_headers = await conn.response_head()
+        except BaseException:
+            conn.abort()
+            pool.release(conn)
+            raise
+        return _HttpResponse(pool, conn, status, response_headers)
+
+    def _pool(self, address: tuple[str, int, bool]) -> _Pool:
+        tls = None
+        if address[2]:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        return _Pool(address, self._config.max_concurrency or 0, self._config.timeout.connect, tls)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools = {}
 
 
 class _MockResponse:

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from proxy import admin as admin_module
 from proxy import issued_keys as issued_module
 from proxy import keys as keys_module
+from proxy.auth_guard import AuthFailureGuard
 from proxy.config import parse_config
 from proxy.errors import AuthenticationError
 from proxy.issued_keys import IssuedKeys, KeySpec
@@ -250,8 +251,9 @@ def test_the_admin_api_is_unreachable_without_the_admin_key(live: Run) -> None:
                         {"Authorization": f"Basic {ADMIN}"}, {"Authorization": ADMIN}, {"X-Api-Key": ADMIN},
                         {"Authorization": f"Bearer {ADMIN} x"}, {"Authorization": f"Bearer {ADMIN[:-8]}"}):
             resp = httpx.request(method, live.admin_url + path, headers=headers, json={"name": "x"}, timeout=5)
-            assert resp.status_code == 401, (method, path, headers, resp.text)
-            assert resp.json()["error"]["type"] == "invalid_request_error"
+            # 401, or 429 once this address has failed too often (the admin key itself still works)
+            assert resp.status_code in (401, 429), (method, path, headers, resp.text)
+            assert resp.json()["error"]["code"] in ("invalid_api_key", "auth_failures")
         # With the key, but on the port clients use: it does not exist there.
         resp = httpx.request(method, live.gw.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
         assert resp.status_code == 404
@@ -390,10 +392,10 @@ def test_the_admin_key_check_is_decided_by_compare_digest(monkeypatch: pytest.Mo
     request = Request({"type": "http", "method": "GET", "path": "/admin/keys", "client": ("127.0.0.1", 1),
                        "headers": [(b"authorization", f"Bearer {ADMIN}".encode())]})
     if answer:
-        assert admin_module._authorize(config, request).startswith("admin@")
+        assert admin_module._authorize(config, request, AuthFailureGuard()).startswith("admin@")
     else:
         with pytest.raises(AuthenticationError):
-            admin_module._authorize(config, request)
+            admin_module._authorize(config, request, AuthFailureGuard())
     assert spy.calls == [(ADMIN.encode(), ADMIN.encode())]
 
 

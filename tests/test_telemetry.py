@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
@@ -387,6 +400,76 @@ def test_a_client_trace_that_is_not_sampled_records_nothing_but_still_propagates
                for h in sent)
 
 
+def _dropping(sampler: Sampler) -> tuple[Tracing, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    assert tracing._tracer is not None
+
+    def no_sdk_span(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a span the sampler drops was started")
+
+    tracing._tracer.start_span = no_sdk_span  # type: ignore[method-assign,assignment]
+    return tracing, exporter
+
+
+@pytest.mark.parametrize("sampler", [ALWAYS_OFF, TraceIdRatioBased(0), ParentBased(ALWAYS_OFF),
+                                     ParentBasedTraceIdRatio(0)], ids=["always_off", "ratio_0",
+                                                                       "parentbased_always_off",
+                                                                       "parentbased_ratio_0"])
+def test_a_sampler_that_only_drops_starts_no_span_but_the_trace_still_propagates(sampler: Sampler) -> None:
+    tracing, exporter = _dropping(sampler)
+    sent = one_request(tracing, f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00")  # not sampled: no sampler may keep it
+    assert exporter.get_finished_spans() == ()
+    assert [h["traceparent"][:35] for h in sent] == [f"00-{CLIENT_TRACE}"] * 2
+    assert all(h["traceparent"].endswith("-00") for h in sent)
+    assert sent[0]["traceparent"] != sent[1]["traceparent"]  # each attempt is its own (dropped) span
+    with tracing.server_span("POST /v1/chat/completions", []) as span:  # no client trace: a new one
+        with tracing.attempt_span(upstream="u", provider="openai", model="m", upstream_model="m",
+                                  attempt=1) as attempt:
+            out: dict[str, str] = {}
+            attempt.inject(out)
+        assert len(span.trace_id) == 32 and span.trace_id != CLIENT_TRACE
+        assert out["traceparent"].startswith(f"00-{span.trace_id}-") and out["traceparent"].endswith("-02")
+
+
+def test_dropped_spans_carry_what_the_sdk_would_have_sent() -> None:
+    """The shortcut against the SDK itself, header for header (span ids aside)."""
+    cases = [[], [(b"traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01".encode()), (b"tracestate", b"a=1, b=2")],
+             [(b"traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-02".encode())],
+             [(b"traceparent", b"00-garbage")], [(b"tracestate", b"a=1")]]
+    for headers in cases:
+        sdk = Tracing(TracerProvider(sampler=ALWAYS_OFF))
+        sdk._unsampled_trace = lambda parent: None  # type: ignore[method-assign]  # force the SDK's path
+        fast, _ = _dropping(ALWAYS_OFF)
+        seen = []
+        for tracing in (sdk, fast):
+            with tracing.server_span("POST /v1/chat/completions", headers) as span:
+                with tracing.attempt_span(upstream="u", provider="openai", model="m", upstream_model="m",
+                                          attempt=1) as attempt:
+                    out: dict[str, str] = {}
+                    attempt.inject(out)
+                version, trace_id, span_id, flags = out["traceparent"].split("-")
+                assert trace_id == span.trace_id and len(span_id) == 16
+                seen.append((version, trace_id if headers and b"00-0af7" in headers[0][1] else "new", flags,
+                             out.get("tracestate")))
+        assert seen[0] == seen[1], headers
+
+
+def test_a_sampler_that_may_keep_a_span_still_gets_sdk_spans() -> None:
+    # a sampled client trace under parent-based: recorded, server span and attempt
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    one_request(tracing, f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", fail_first=False)
+    assert len(exporter.get_finished_spans()) == 2
+    # samplers that may keep a root span, or an attempt under a dropped one, are left to the SDK
+    for sampler in (TraceIdRatioBased(0.5), ALWAYS_ON, ParentBased(ALWAYS_OFF, local_parent_not_sampled=ALWAYS_ON)):
+        assert Tracing(TracerProvider(sampler=sampler))._unsampled_trace(Context()) is None
+
+
 def test_no_provider_means_no_spans_and_no_headers() -> None:
     tracing = Tracing(None)
     assert not tracing.enabled
@@ -470,3 +553,29 @@ def test_access_log_text_format_and_level() -> None:
     quiet = io.StringIO()
     configure_access_log("warning", "json", quiet, name="test.access.quiet").write({"status": 200})
     assert quiet.getvalue() == ""
+
+
+async def test_access_lines_of_one_loop_iteration_leave_in_one_write() -> None:
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Counting.writes += 1
+            return super().write(text)
+
+    stream = Counting()
+    log = configure_access_log("info", "json", stream, name="test.access.batched")
+    for n in range(3):
+        log.write({"status": 200, "attempts": n})
+    assert stream.getvalue() == ""  # not yet: at the end of this iteration
+    await asyncio.sleep(0)
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["attempts"] for line in lines] == [0, 1, 2] and Counting.writes == 1
+    stamp = json.loads(lines[0])["ts"]  # as datetime.isoformat(timespec="milliseconds") wrote it
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+    assert abs(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - time.time()) < 5
+    log.write({"status": 500})
+    log.flush()  # what the app does at shutdown
+    assert json.loads(stream.getvalue().splitlines()[-1])["status"] == 500
+    await asyncio.sleep(0)
+    assert len(stream.getvalue().splitlines()) == 4

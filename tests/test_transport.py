@@ -1,0 +1,200 @@
+"""The upstream HTTP client (proxy/transport.py) against a scripted server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from proxy.config import parse_config
+from proxy.errors import UpstreamConnectionError
+from proxy.transport import HttpTransport, UpstreamResponse
+
+Answer = Callable[[bytes], bytes | None]  # the request's bytes → what to write back (None: close at once)
+
+
+class Scripted:
+    """Answers each request with the next scripted bytes; ``close_after`` closes the connection after it."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[bytes | None, bool]] = []
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def then(self, answer: bytes | None, close_after: bool = False) -> Scripted:
+        self.answers.append((answer, close_after))
+        return self
+
+    async def start(self) -> Scripted:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        """Stops listening and ends every connection's handler (none is left to be cancelled)."""
+        assert self._server is not None
+        self._server.close()
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(reader, writer))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                self.requests.append(head + await reader.readexactly(length))
+                answer, close_after = self.answers.pop(0)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+def _transport(port: int, **timeout: float) -> HttpTransport:
+    limits = ", max_concurrency: 2" if timeout.pop("limited", 0) else ""
+    connect = timeout.get("connect", 2)
+    config = parse_config(f"""
+upstreams: [{{name: a, base_url: 'http://127.0.0.1:{port}/v1', models: [m]{limits},
+             timeout: {{connect: {connect}}}}}]
+keys: [{{name: k, key: sk-k}}]
+""", {})
+    return HttpTransport(config.upstreams[0])
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Scripted]:
+    scripted = await Scripted().start()
+    yield scripted
+    await scripted.stop()
+
+
+async def _body(response: UpstreamResponse) -> bytes:
+    parts = []
+    while chunk := await response.read_chunk():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_post_is_one_plain_http_11_request_and_the_connection_is_kept(server: Scripted) -> None:
+    server.then(OK).then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    for _ in range(2):
+        response = await transport.post(url, {"Content-Type": "application/json", "Authorization": "Bearer k"},
+                                        b'{"a":1}')
+        assert response.status == 200 and response.headers["content-type"] == "application/json"
+        assert await _body(response) == b"ok"
+        response.close()
+    assert server.connections == 1
+    assert server.requests[0] == (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        "Content-Type: application/json\r\nAuthorization: Bearer k\r\nAccept: */*\r\n"
+        'Content-Length: 7\r\n\r\n{"a":1}').encode()
+    await transport.close()
+
+
+async def test_chunked_and_unframed_bodies_and_an_interim_answer(server: Scripted) -> None:
+    server.then(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
+    server.then(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end", close_after=True)
+    server.then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/models"
+    for expected in (b"abcde", b"until the end", b"ok"):
+        response = await transport.get(url, {})
+        assert response.status == 200 and await _body(response) == expected
+        response.close()
+    assert server.connections == 2  # "Connection: close" is honoured
+    assert b"Accept-Encoding: gzip, deflate\r\n" in server.requests[0]
+    await transport.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n",
+])
+async def test_a_body_cut_short_is_an_error_after_the_bytes_that_came(server: Scripted, answer: bytes) -> None:
+    server.then(answer, close_after=True)
+    transport = _transport(server.port)
+    response = await transport.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", {}, b"{}")
+    assert await response.read_chunk() == b"half"
+    with pytest.raises(UpstreamConnectionError):
+        await response.read_chunk()
+    response.close()
+    await transport.close()
+
+
+async def test_no_answer_and_no_server_are_connection_errors(server: Scripted) -> None:
+    server.then(None)
+    transport = _transport(server.port)
+    with pytest.raises(UpstreamConnectionError):
+        await transport.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", {}, b"{}")
+    await server.stop()
+    with pytest.raises(UpstreamConnectionError):
+        await transport.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", {}, b"{}")
+    await transport.close()
+
+
+async def test_an_unread_answer_closes_its_connection_and_an_idle_one_closed_upstream_is_not_used(
+        server: Scripted) -> None:
+    server.then(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nabcd").then(OK, close_after=True).then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    (await transport.post(url, {}, b"{}")).close()  # dropped before its end: that connection is closed
+    response = await transport.post(url, {}, b"{}")
+    assert await _body(response) == b"ok"
+    response.close()  # kept, but the upstream closes it...
+    await asyncio.sleep(0.05)
+    response = await transport.post(url, {}, b"{}")  # ...so a new one carries this
+    assert await _body(response) == b"ok"
+    response.close()
+    assert server.connections == 3
+    await transport.close()
+
+
+async def test_max_concurrency_makes_the_next_request_wait_within_the_connect_timeout(server: Scripted) -> None:
+    server.then(OK).then(OK).then(OK)
+    transport = _transport(server.port, connect=0.2, limited=1)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    held = [await transport.post(url, {}, b"{}") for _ in range(2)]
+    with pytest.raises(UpstreamConnectionError):
+        await transport.post(url, {}, b"{}")  # both in use for longer than the connect timeout
+    waiting = asyncio.ensure_future(transport.post(url, {}, b"{}"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    assert await _body(held[0]) == b"ok"
+    held[0].close()
+    response = await waiting
+    assert await _body(response) == b"ok"
+    response.close()
+    held[1].close()
+    await transport.close()
+
+
+async def test_a_header_that_would_split_the_request_is_refused(server: Scripted) -> None:
+    transport = _transport(server.port)
+    with pytest.raises(ValueError, match="split"):
+        await transport.post(f"http://127.0.0.1:{server.port}/v1/chat/completions",
+                             {"X-Request-Id": "a\r\nX-Evil: 1"}, b"{}")
+    assert server.requests == []
+    await transport.close()
