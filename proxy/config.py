@@ -124,7 +124,7 @@ def _config(r: Reader, raw: Any) -> Config | None:
         pricing=_pricing(r, d.get("pricing"), "pricing"),
         logging=_logging(r, d.get("logging"), "logging"),
         redis_url=r.string(d.get("redis_url"), "redis_url", empty_is_none=True),
-        admin_key=r.string(d.get("admin_key"), "admin_key", empty_is_none=True),
+        admin_key=r.secret(d.get("admin_key"), "admin_key"),
     )
 
 
@@ -163,7 +163,7 @@ def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
         name=name,
         provider=provider,
         base_url=(base_url or "mock://" + name).rstrip("/"),
-        api_key=r.string(d.get("api_key"), f"{path}.api_key", empty_is_none=True),
+        api_key=r.secret(d.get("api_key"), f"{path}.api_key"),
         api_version=api_version,
         models=models,
         weight=r.number(d.get("weight", 1.0), f"{path}.weight", minimum=0, exclusive=True),

@@ -82,6 +82,18 @@ class Reader:
             return None
         return text
 
+    def secret(self, raw: Any, path: str) -> str | None:
+        """A key or password: surrounding whitespace dropped (a secret file's trailing newline),
+        none inside, since it is sent in a header."""
+        text = self.string(raw, path, empty_is_none=True)
+        if text is None:
+            return None
+        text = text.strip()
+        if not text or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+            self.problem(path, "must be a non-empty secret without spaces or control characters")
+            return None
+        return text
+
     def choice(self, raw: Any, path: str, options: Sequence[T]) -> T | None:
         value = self.string(raw, path)
         for option in options:

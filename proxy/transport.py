@@ -39,6 +39,9 @@ KEEPALIVE_SECONDS = 30.0
 # Unread answer bytes above which the connection stops reading (a slow client
 # must not make the gateway buffer a fast upstream's whole answer).
 HIGH_WATER = 256 * 1024
+# Bytes an answer's head (status line, headers, interim answers) may take:
+# httptools sets no limit of its own.
+MAX_HEAD_BYTES = 1024 * 1024
 
 
 class UpstreamResponse(Protocol):
@@ -107,6 +110,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[None] | None = None  # resolved by the answer's headers
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        self._head_bytes = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
@@ -120,11 +124,14 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._status, self._complete, self._keep_alive, self._error = [], 0, False, False, None
         self._chunks.clear()
-        self._buffered = 0
+        self._buffered = self._head_bytes = 0
         self._head = asyncio.get_running_loop().create_future()
         if self.lost or self.transport.is_closing():
             self._fail("ServerDisconnectedError")  # closed by the upstream while idle
             return
+        if self._paused:  # the last answer ended while reading was paused, and was not read
+            self._paused = False
+            self.transport.resume_reading()
         self.transport.write(data)
 
     async def response_head(self) -> tuple[int, CIMultiDict[str]]:
@@ -178,12 +185,18 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(type(exc).__name__)
             self.abort()
+            return
+        if not self._status:  # still in the answer's head
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail("LineTooLong")
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self._parser is None or self._complete:
             return
-        if self._error is None and self._status and not self._framed():
+        if self._error is None and exc is None and self._status and not self._framed():
             self._finish()  # a body without a length ends with the connection
         else:
             self._fail(type(exc).__name__ if exc is not None else "ServerDisconnectedError")
@@ -196,7 +209,13 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---
 
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second answer to one request: feed_data stops with a parser error
+            raise ValueError("UnexpectedData")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._status:
+            return  # a chunked body's trailer: not one of the answer's headers
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -266,17 +285,19 @@ class _Pool:
 
     async def acquire(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.lost and loop.time() - conn.idle_since < KEEPALIVE_SECONDS:
+        if not self._limit or self._in_use < self._limit:
+            conn = self._take_idle(loop)
+            if conn is not None:
                 self._in_use += 1
                 return conn
-            self._drop(conn)
         try:
             async with asyncio.timeout(self._connect_timeout):  # the wait for a free slot counts, as in aiohttp
                 if self._limit and self._in_use >= self._limit:
                     await self._wait_for_slot(loop)
                 self._in_use += 1
+                conn = self._take_idle(loop)  # one given back while this waited
+                if conn is not None:
+                    return conn
                 try:
                     _, conn = await loop.create_connection(
                         _Connection, self._host, self._port, ssl=self._tls,
@@ -290,6 +311,16 @@ class _Pool:
             raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
         self._all.add(conn)
         return conn
+
+    def _take_idle(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            # is_closing: the upstream's FIN was read, and connection_lost comes an iteration later
+            if (not conn.lost and conn.transport is not None and not conn.transport.is_closing()
+                    and loop.time() - conn.idle_since < KEEPALIVE_SECONDS):
+                return conn
+            self._drop(conn)
+        return None
 
     def release(self, conn: _Connection) -> None:
         """Give back a connection whose answer is over: kept when it can carry another."""

@@ -211,8 +211,8 @@ async def _stream(request: web.Request, body: dict[str, Any], b: Behaviour, plan
         await asyncio.sleep(3600)
     for i, event in enumerate(events):
         if b.mode == "cut_body" and i == opts.get("after", 2):
-            await resp.write(event[:len(event) // 2])
             seen.sent += event[:len(event) // 2]
+            await resp.write(event[:len(event) // 2])
             await asyncio.sleep(0.05)  # let the half event leave before the connection drops
             assert request.transport is not None
             request.transport.close()
@@ -225,8 +225,8 @@ async def _stream(request: web.Request, body: dict[str, Any], b: Behaviour, plan
             return resp
         if b.mode == "slow" and i:
             await asyncio.sleep(opts.get("delay", 0.05))
+        seen.sent += event  # first: the client may have it all before write() returns here
         await resp.write(event)
-        seen.sent += event
     await resp.write_eof()
     return resp
 

@@ -118,6 +118,16 @@ def test_secrets_do_not_appear_in_repr() -> None:
     assert "upstream-secret" not in shown and "admin-secret" not in shown and "pw-secret" not in shown
 
 
+def test_a_secret_from_a_file_loses_its_newline_and_one_that_would_split_a_header_is_refused() -> None:
+    text = MINIMAL.replace("models: [m]", "models: [m], api_key: '${KEY}'") + "admin_key: '${ADMIN}'\n"
+    c = parse_config(text, {"KEY": "sk-upstream\n", "ADMIN": " admin-secret\r\n"})
+    assert c.upstreams[0].api_key == "sk-upstream" and c.admin_key == "admin-secret"
+    problems = _problems(text, {"KEY": "sk-up\r\nX-Injected: 1", "ADMIN": "two words"})
+    assert any(p.startswith("upstreams[0].api_key") for p in problems), problems
+    assert any(p.startswith("admin_key") for p in problems), problems
+    assert not any("sk-up" in p or "two words" in p for p in problems)  # the secret is not echoed
+
+
 def test_check_config_cli(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(MINIMAL)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -197,4 +199,108 @@ async def test_a_header_that_would_split_the_request_is_refused(server: Scripted
         await transport.post(f"http://127.0.0.1:{server.port}/v1/chat/completions",
                              {"X-Request-Id": "a\r\nX-Evil: 1"}, b"{}")
     assert server.requests == []
+    await transport.close()
+
+
+async def test_an_answer_left_unread_while_reading_was_paused_does_not_stall_the_next_one(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("proxy.transport.HIGH_WATER", 4)
+    server.then(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 10\r\n\r\n0123456789").then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    response = await transport.post(url, {}, b"{}")
+    assert response.status == 500
+    response.close()  # whole (reading paused after it), unread: the connection is kept
+    response = await asyncio.wait_for(transport.post(url, {}, b"{}"), 2)
+    assert await asyncio.wait_for(_body(response), 2) == b"ok"
+    response.close()
+    assert server.connections == 1
+    await transport.close()
+
+
+async def test_a_connection_given_back_to_a_waiting_request_keeps_max_concurrency(server: Scripted) -> None:
+    server.then(OK).then(OK).then(OK).then(OK)
+    transport = _transport(server.port, limited=1)  # max_concurrency: 2
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    first, second = [await transport.post(url, {}, b"{}") for _ in range(2)]
+    third = asyncio.ensure_future(transport.post(url, {}, b"{}"))
+    await asyncio.sleep(0.05)
+    assert await _body(first) == b"ok"
+    first.close()  # its slot and its connection go to the third...
+    fourth = asyncio.ensure_future(transport.post(url, {}, b"{}"))
+    await asyncio.sleep(0.05)
+    assert third.done() and not fourth.done()  # ...and the fourth waits for a slot
+    assert server.connections == 2
+    second.close()
+    for waited in (third, fourth):
+        response = await waited
+        assert await _body(response) == b"ok"
+        response.close()
+    await transport.close()
+
+
+async def test_trailers_and_bytes_after_the_answer_are_not_part_of_it(server: Scripted) -> None:
+    server.then(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: t\r\n\r\n")
+    server.then(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+    server.then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    response = await transport.post(url, {}, b"{}")
+    assert "x-trailer" not in response.headers and await _body(response) == b"ok"
+    response.close()
+    response = await transport.post(url, {}, b"{}")
+    assert list(response.headers.items()) == [("Content-Type", "application/json"), ("Content-Length", "2")]
+    assert await _body(response) == b"ok"
+    response.close()  # a second answer came: that connection is not used again
+    response = await transport.post(url, {}, b"{}")
+    assert await _body(response) == b"ok"
+    response.close()
+    assert server.connections == 2
+    await transport.close()
+
+
+async def test_an_endless_answer_head_is_an_error(server: Scripted) -> None:
+    server.then(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 * 1024 * 1024))
+    transport = _transport(server.port)
+    with pytest.raises(UpstreamConnectionError):
+        await asyncio.wait_for(transport.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", {}, b"{}"), 2)
+    await transport.close()
+
+
+async def test_a_reset_ends_a_body_without_length_with_an_error() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n{}")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST: the body was cut, not ended
+
+    listening = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    transport = _transport(port)
+    response = await transport.post(f"http://127.0.0.1:{port}/v1/chat/completions", {}, b"{}")
+    assert await response.read_chunk() == b"partial"
+    with pytest.raises(UpstreamConnectionError):
+        await response.read_chunk()
+    response.close()
+    await transport.close()
+    listening.close()
+
+
+async def test_a_pooled_connection_whose_end_was_read_but_not_yet_reported_is_not_used(server: Scripted) -> None:
+    server.then(OK).then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    response = await transport.post(url, {}, b"{}")
+    assert await _body(response) == b"ok"
+    response.close()
+    (pool,) = transport._pools.values()
+    (idle,) = pool._idle
+    assert idle.transport is not None
+    idle.transport.close()  # as the loop does on reading the upstream's FIN; connection_lost comes later
+    response = await transport.post(url, {}, b"{}")  # nothing was sent on it: a new connection carries this
+    assert await _body(response) == b"ok"
+    response.close()
+    assert server.connections == 2
     await transport.close()
