@@ -46,9 +46,11 @@ ERRORS: tuple[tuple[str, str, str], ...] = (
     ("401", "Unauthorized", "Missing, unknown, revoked or expired API key."),
     ("403", "PermissionDenied", "The key or its team may not use this model."),
     ("404", "ModelNotFound", "No upstream serves this model."),
+    ("408", "RequestTimeout", "The body did not arrive within the gateway's body timeout."),
     ("413", "RequestTooLarge", "The body is larger than the gateway accepts."),
-    ("429", "RateLimited", "A quota of the key or its team is used up; retry after `Retry-After` "
-                           "seconds."),
+    ("429", "RateLimited", "A quota of the key or its team is used up, or this address failed "
+                           "authentication too often (`code: auth_failures`); retry after "
+                           "`Retry-After` seconds."),
     ("502", "BadGateway", "Every upstream tried failed, or a stream broke."),
     ("503", "ServiceUnavailable", "No upstream is available now (all cooling down, ejected or "
                                   "saturated), or the quota store is down and the gateway fails closed."),
@@ -218,7 +220,7 @@ def _models_operation() -> dict[str, Any]:
         "responses": {
             "200": {"description": "The public model names.",
                     "content": {"application/json": {"schema": _ref("ListModelsResponse")}}},
-            **_error_refs(("401",)),
+            **_error_refs(("401", "429")),
         },
     }
 

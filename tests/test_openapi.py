@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 import proxy.openapi
 from proxy.openapi import openapi_routes
 
-ERROR_STATUSES = {"400", "401", "403", "404", "413", "429", "502", "503", "504"}
+ERROR_STATUSES = {"400", "401", "403", "404", "408", "413", "429", "502", "503", "504"}
 OPENAI_SCHEMAS = {"CreateChatCompletionRequest", "CreateChatCompletionResponse",
                   "CreateChatCompletionStreamResponse", "ListModelsResponse", "Model", "ErrorResponse"}
 
