@@ -14,8 +14,10 @@ import argparse
 import asyncio
 import multiprocessing
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import httpx
@@ -100,7 +102,33 @@ async def _httpx(url: str, body: bytes, n: int, c: int) -> float:
         return await _drive(call, body, n, c)
 
 
+async def _own(url: str, body: bytes, n: int, c: int) -> float:
+    """The gateway's own client (proxy/transport.py), as the forwarder uses it."""
+    from proxy.config import parse_config
+    from proxy.transport import make_transport
+
+    base = url.rsplit("/chat/completions", 1)[0]
+    config = parse_config(f"upstreams: [{{name: a, base_url: '{base}', models: [m]}}]\n", {})
+    transport = make_transport(config.upstreams[0])
+
+    async def call(b: bytes) -> int:
+        r = await transport.post(url, {"content-type": "application/json"}, b)
+        try:
+            while await r.read_chunk():
+                pass
+        finally:
+            r.close()
+        return r.status
+
+    try:
+        await _drive(call, body, 200, c)
+        return await _drive(call, body, n, c)
+    finally:
+        await transport.close()
+
+
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the proxy package of this checkout
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -119,7 +147,7 @@ def main() -> None:
     except ImportError:
         pass
     print(f"{'client':8} {'non-stream CPU us/req':>22} {'stream CPU us/req':>18}")
-    for name, fn in (("aiohttp", _aiohttp), ("httpx", _httpx)):
+    for name, fn in (("own", _own), ("aiohttp", _aiohttp), ("httpx", _httpx)):
         plain = asyncio.run(fn(url, BODY, args.requests, args.concurrency))
         stream = asyncio.run(fn(url, stream_body, args.requests, args.concurrency))
         print(f"{name:8} {plain:22.0f} {stream:18.0f}")
