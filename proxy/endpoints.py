@@ -89,9 +89,10 @@ class ChatCompletions:
         rt = gw.runtime
         policy = await authenticate(gw, rt, scope)
         record.team, record.key_name = policy.team or "", policy.name
-        raw = await _read_body(receive, scope, rt, watchdog)
         content_type = header(scope, b"content-type")
-        request = parse_chat_request(raw, content_type.decode("latin-1") if content_type else None)
+        # The raw body is not kept in this frame: a stream would hold it to its end.
+        request = parse_chat_request(await _read_body(receive, scope, rt, watchdog),
+                                     content_type.decode("latin-1") if content_type else None)
         record.stream = request.stream
         policy.check_model(request.model)
         route = _route(rt, policy, request.model)
@@ -100,6 +101,7 @@ class ChatCompletions:
                      key_name=record.key_name, max_tokens=request.max_tokens)
         reservation = await gw.quotas.reserve(policy, _estimate(request, rt))
         record.headers.extend(reservation.headers)
+        reservation.headers = ()  # record.headers has them, and lets them go once they were sent
         watch = DisconnectWatch()
         forwarded: Forwarded | None = None
         forward_started = time.perf_counter()
@@ -109,73 +111,81 @@ class ChatCompletions:
                                                        _forward_headers(scope), watchdog)
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
-                if request.stream and forwarded.response.status < 400:
-                    await self._relay_stream(send, request, forwarded, record, watch, watchdog)
+                # Committed: no other attempt follows. Of the request only what counts its usage is
+                # kept from here; the parsed body (as large as the prompt) is not, for a whole stream.
+                stream, strip_usage, prompt_tokens = request.stream, not request.include_usage, request.prompt_tokens
+                del request, route
+                if stream and forwarded.response.status < 400:
+                    await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, watch,
+                                             watchdog)
                 else:
-                    await self._relay_body(send, request, forwarded, record, watch)
+                    await self._relay_body(send, prompt_tokens, forwarded, record, watch)
         finally:
             record.upstream_time = time.perf_counter() - forward_started
             if forwarded is not None:
                 forwarded.finish(ok=record.status < 500 and record.status != 499, now=time.monotonic())
             await reservation.settle(record.prompt_tokens + record.completion_tokens)
 
-    async def _relay_body(self, send: Send, request: ChatRequest, fwd: Forwarded,
+    async def _relay_body(self, send: Send, prompt_tokens: int, fwd: Forwarded,
                           record: RequestRecord, watch: DisconnectWatch) -> None:
         status = fwd.response.status
         if status < 400:
-            _count_usage(record, request, fwd.first)
+            _count_usage(record, prompt_tokens, fwd.first)
         record.status = status
         watch.finishing = True
         await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
 
-    async def _relay_stream(self, send: Send, request: ChatRequest, fwd: Forwarded,
+    async def _relay_stream(self, send: Send, strip_usage: bool, prompt_tokens: int, fwd: Forwarded,
                             record: RequestRecord, watch: DisconnectWatch, watchdog: Watchdog) -> None:
-        relay = SseRelay(strip_usage=not request.include_usage)
+        """Relay the events as they come. A stream waits in here for its whole life, so the relay
+        and its waits for the upstream are one frame, and nothing is kept that was sent already
+        (the first chunk, the answer's headers)."""
+        relay = SseRelay(strip_usage=strip_usage)
         record.status = 200
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, *record.headers, *_upstream_header(fwd)]})
+        record.headers.clear()  # sent: no other answer can start now
+        timeouts = fwd.candidate.upstream.config.timeout
+        idle = timeouts.idle
+        deadline = watchdog.time() + timeouts.total
+        response = fwd.response
+        chunk, fwd.first = fwd.first, b""
         try:
-            await self._pump(send, relay, fwd, watchdog)
+            while chunk:
+                out = relay.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    out = b""
+                if relay.done:
+                    break
+                # Only the waits for the upstream count, not the sends to a slow client.
+                chunk = b""
+                watchdog.expire_at(min(watchdog.time() + idle, deadline))
+                try:
+                    chunk = await response.read_chunk()
+                except asyncio.CancelledError:
+                    if watchdog.expired():
+                        raise UpstreamStreamError(
+                            "The upstream stopped sending for too long; the stream was ended.",
+                            code="upstream_idle_timeout") from None
+                    raise
+                finally:
+                    watchdog.clear()
+            else:
+                leftover = relay.leftover()
+                if leftover:
+                    await send({"type": "http.response.body", "body": leftover, "more_body": True})
+                raise UpstreamStreamError("The upstream ended the stream before it was complete.",
+                                          code="upstream_stream_cut")
         except ProxyError as exc:
             record.status = 502
             code = exc.code if isinstance(exc, UpstreamStreamError) else "upstream_stream_error"
             await send({"type": "http.response.body", "body": relay.leftover() + error_event(
                 exc.message, code or "upstream_stream_error"), "more_body": True})
         finally:
-            record.prompt_tokens, record.completion_tokens = _stream_usage(relay, request)
+            record.prompt_tokens, record.completion_tokens = _stream_usage(relay, prompt_tokens)
         watch.finishing = True
         await send({"type": "http.response.body", "body": b""})
-
-    async def _pump(self, send: Send, relay: SseRelay, fwd: Forwarded, watchdog: Watchdog) -> None:
-        timeouts = fwd.candidate.upstream.config.timeout
-        deadline = watchdog.time() + timeouts.total
-        chunk = fwd.first
-        while chunk:
-            out = relay.feed(chunk)
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-            if relay.done:
-                return
-            # Only the waits for the upstream count, not the sends to a slow client.
-            chunk = await _next_chunk(fwd, watchdog, min(watchdog.time() + timeouts.idle, deadline))
-        leftover = relay.leftover()
-        if leftover:
-            await send({"type": "http.response.body", "body": leftover, "more_body": True})
-        raise UpstreamStreamError("The upstream ended the stream before it was complete.",
-                                  code="upstream_stream_cut")
-
-
-async def _next_chunk(fwd: Forwarded, watchdog: Watchdog, deadline: float) -> bytes:
-    watchdog.expire_at(deadline)
-    try:
-        return await fwd.response.read_chunk()
-    except asyncio.CancelledError:
-        if watchdog.expired():
-            raise UpstreamStreamError("The upstream stopped sending for too long; the stream was ended.",
-                                      code="upstream_idle_timeout") from None
-        raise
-    finally:
-        watchdog.clear()
 
 
 def _observe(gw: Gateway, scope: Scope, record: RequestRecord, span: RequestSpan) -> None:
@@ -257,10 +267,10 @@ def _upstream_header(fwd: Forwarded) -> tuple[Header, ...]:
     return (upstream,)
 
 
-def _count_usage(record: RequestRecord, request: ChatRequest, body: bytes) -> None:
+def _count_usage(record: RequestRecord, prompt_tokens: int, body: bytes) -> None:
     usage = _usage_of(body)
     if usage is None:
-        record.prompt_tokens = request.prompt_tokens
+        record.prompt_tokens = prompt_tokens
         record.completion_tokens = max(1, len(body) // 16)
         return
     record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -275,13 +285,13 @@ def _usage_of(body: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _stream_usage(relay: SseRelay, request: ChatRequest) -> tuple[int, int]:
+def _stream_usage(relay: SseRelay, prompt_tokens: int) -> tuple[int, int]:
     if relay.usage is not None:
         usage = relay.usage
         return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     # The upstream sent no usage (it ignores include_usage, or the stream was
     # cut): one token per content event is the usual framing.
-    return request.prompt_tokens, relay.content_events
+    return prompt_tokens, relay.content_events
 
 
 class Models:

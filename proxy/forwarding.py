@@ -74,7 +74,7 @@ class _AttemptFailed(Exception):
         self.status: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Forwarded:
     """A committed upstream answer: the first bytes are in hand."""
 

@@ -83,20 +83,42 @@ class Usage:
 
 
 class Reservation:
-    """What ``reserve`` admitted; ``settle`` once when the request is over (later calls do nothing)."""
+    """What ``reserve`` admitted; ``settle`` once when the request is over (later calls do nothing).
 
-    __slots__ = ("_settle", "headers")
+    Kept for a request's whole life (a stream's too): a slotted object with just what settling
+    needs, not a closure over the store's answer (bench/README.md, memory per open stream)."""
+
+    __slots__ = ("_estimate", "_lease", "_plan", "_service", "_settle", "_windows", "headers")
+    _plan: Plan
+    _lease: str
+    _windows: tuple[int, ...]
+    _estimate: int
 
     def __init__(self, headers: tuple[Header, ...] = (),
                  settle: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.headers = headers
         self._settle = settle
+        self._service: QuotaService | None = None
+
+    @classmethod
+    def charged(cls, service: QuotaService, headers: tuple[Header, ...], plan: Plan, lease: str,
+                windows: tuple[int, ...], estimate: int) -> Reservation:
+        """A reservation the store charged: settling replaces ``estimate`` with the usage."""
+        reservation = cls(headers)
+        reservation._service = service
+        reservation._plan, reservation._lease = plan, lease
+        reservation._windows, reservation._estimate = windows, estimate
+        return reservation
 
     async def settle(self, used_tokens: int) -> None:
         settle, self._settle = self._settle, None
+        service, self._service = self._service, None
         if settle is not None:
             # Shielded: a cancelled request must still give its lease back.
             await asyncio.shield(settle(max(0, used_tokens)))
+        elif service is not None:
+            await asyncio.shield(service._settle(self._plan, self._lease, self._windows,
+                                                 max(0, used_tokens) - self._estimate))
 
 
 def plan_for(policy: KeyPolicy, *, team: bool = True) -> Plan | None:
@@ -165,10 +187,7 @@ class QuotaService:
         if not admission.admitted:
             raise denial(policy, plan, admission, headers, estimate)
 
-        async def settle(used: int) -> None:
-            await self._settle(plan, lease, admission.windows, used - estimate)
-
-        return Reservation(headers, settle)
+        return Reservation.charged(self, headers, plan, lease, admission.windows, estimate)
 
     async def _settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
         try:

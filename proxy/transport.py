@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Iterator, Mapping
-from typing import Protocol, cast
+from collections.abc import Coroutine, Iterator, Mapping
+from typing import Any, Protocol, cast
 
 import httptools
 import orjson
@@ -98,7 +98,15 @@ def _request_head(target: _Target, headers: Mapping[str, str], body: bytes | Non
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: one request at a time, its answer parsed as it arrives."""
+    """One keep-alive connection: one request at a time, its answer parsed as it arrives.
+
+    One lives as long as a stream, so it is slotted and keeps little: the unread
+    chunks in a list (a deque allocates a 64-slot block up front), the answer's
+    header lines only until its head is handed over."""
+
+    __slots__ = ("_buffered", "_chunks", "_complete", "_error", "_framed", "_head", "_head_bytes",
+                 "_headers", "_keep_alive", "_parser", "_paused", "_status", "_waiter", "idle_since",
+                 "lost", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -108,7 +116,8 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._status = 0
         self._head: asyncio.Future[None] | None = None  # resolved by the answer's headers
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: list[bytes] = []
+        self._framed = False  # the answer's length is known (Content-Length, chunked, 204/304)
         self._buffered = 0
         self._head_bytes = 0
         self._paused = False
@@ -123,6 +132,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._status, self._complete, self._keep_alive, self._error = [], 0, False, False, None
+        self._framed = False
         self._chunks.clear()
         self._buffered = self._head_bytes = 0
         self._head = asyncio.get_running_loop().create_future()
@@ -139,7 +149,8 @@ class _Connection(asyncio.Protocol):
         await self._head
         if self._error is not None:
             raise UpstreamConnectionError(f"cannot reach upstream: {self._error}")
-        return self._status, CIMultiDict(self._headers)
+        headers, self._headers = CIMultiDict(self._headers), []
+        return self._status, headers
 
     async def read_chunk(self) -> bytes:
         while not self._chunks:
@@ -152,8 +163,9 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         self._buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
@@ -196,7 +208,7 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         if self._parser is None or self._complete:
             return
-        if self._error is None and exc is None and self._status and not self._framed():
+        if self._error is None and exc is None and self._status and not self._framed:
             self._finish()  # a body without a length ends with the connection
         else:
             self._fail(type(exc).__name__ if exc is not None else "ServerDisconnectedError")
@@ -225,6 +237,7 @@ class _Connection(asyncio.Protocol):
             self._headers = []  # an interim answer (100 Continue): the real one follows
             return
         self._status = status
+        self._framed = self._has_length()
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
@@ -245,7 +258,7 @@ class _Connection(asyncio.Protocol):
 
     # --- internals ---
 
-    def _framed(self) -> bool:
+    def _has_length(self) -> bool:
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == "content-length" or (lowered == "transfer-encoding" and "chunked" in value.lower()):
@@ -387,6 +400,10 @@ class _Pool:
             self._sweeper = asyncio.get_running_loop().call_later(max(wait, 0.05), self._sweep)
 
 
+async def _no_more() -> bytes:
+    return b""
+
+
 class _HttpResponse:
     __slots__ = ("_conn", "_pool", "headers", "status")
 
@@ -396,10 +413,11 @@ class _HttpResponse:
         self.status = status
         self.headers: Mapping[str, str] = headers
 
-    async def read_chunk(self) -> bytes:
-        if self._conn is None:
-            return b""
-        return await self._conn.read_chunk()
+    def read_chunk(self) -> Coroutine[Any, Any, bytes]:
+        # The connection's coroutine itself, not one wrapping it: a stream waits in
+        # here for its whole life, and each coroutine frame waiting costs memory.
+        conn = self._conn
+        return conn.read_chunk() if conn is not None else _no_more()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
