@@ -150,14 +150,16 @@ class ChatCompletions:
         deadline = watchdog.time() + timeouts.total
         response = fwd.response
         chunk, fwd.first = fwd.first, b""
+        tail = b""  # leaves with the end of the body: one write, not two
         try:
             while chunk:
                 out = relay.feed(chunk)
+                if relay.done:
+                    tail = out
+                    break
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                     out = b""
-                if relay.done:
-                    break
                 # Only the waits for the upstream count, not the sends to a slow client.
                 chunk = b""
                 watchdog.expire_at(min(watchdog.time() + idle, deadline))
@@ -172,20 +174,16 @@ class ChatCompletions:
                 finally:
                     watchdog.clear()
             else:
-                leftover = relay.leftover()
-                if leftover:
-                    await send({"type": "http.response.body", "body": leftover, "more_body": True})
                 raise UpstreamStreamError("The upstream ended the stream before it was complete.",
                                           code="upstream_stream_cut")
         except ProxyError as exc:
             record.status = 502
             code = exc.code if isinstance(exc, UpstreamStreamError) else "upstream_stream_error"
-            await send({"type": "http.response.body", "body": relay.leftover() + error_event(
-                exc.message, code or "upstream_stream_error"), "more_body": True})
+            tail = relay.leftover() + error_event(exc.message, code or "upstream_stream_error")
         finally:
             record.prompt_tokens, record.completion_tokens = _stream_usage(relay, prompt_tokens)
         watch.finishing = True
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": tail})
 
 
 def _observe(gw: Gateway, scope: Scope, record: RequestRecord, span: RequestSpan) -> None:

@@ -7,17 +7,18 @@ matched to callers in order (``bench/README.md``). This module does only that
 matching; hiredis parses the replies and redis-py parses the URL and builds the
 TLS context. Sentinel and Cluster URLs keep redis-py (``store_redis.connect``).
 
-Errors are redis-py's own exception classes, so ``store_redis.bounded``
-translates them like any other Redis failure. Callers bound each call with a
-timeout; a reply that comes after its caller gave up is read and dropped, which
-keeps every later reply matched to its own caller.
+Errors are redis-py's own exception classes, so ``store_redis`` translates
+them like any other Redis failure. The pipe bounds its own calls: one timer
+per connection, not one per call, fails every waiting command once the oldest
+has waited past the timeout (the connection is then stuck: a frozen Redis, a
+dead peer) and starts afresh. A reply that comes after its caller gave up is
+read and dropped, which keeps every later reply matched to its own caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,10 +50,13 @@ def _frame(args: Sequence[Arg]) -> bytes:
 class _Protocol(asyncio.Protocol):
     """Replies, in order, to the futures of the commands written."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.lost = False
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
         self._reader = hiredis.Reader(protocolError=redis_errors.InvalidResponse,
                                       replyError=redis_errors.ResponseError)
 
@@ -78,10 +82,27 @@ class _Protocol(asyncio.Protocol):
         if self.lost or self.transport.is_closing():
             # uvloop raises RuntimeError for a write to a closed transport, asyncio stays silent.
             raise redis_errors.ConnectionError("Connection to Redis lost.")
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((future, time.monotonic()))
+        loop = self._loop
+        future = loop.create_future()
+        now = loop.time()
+        self.pending.append((future, now))
         self.transport.write(frame)
+        if self._timer is None:
+            self._timer = loop.call_at(now + self._timeout, self._check_stall)
         return future
+
+    def stalled(self) -> bool:
+        """The oldest command has waited past the timeout."""
+        return bool(self.pending) and self._loop.time() - self.pending[0][1] >= self._timeout - 0.001
+
+    def _check_stall(self) -> None:
+        self._timer = None
+        if self.stalled():
+            if self.transport is not None:
+                self.transport.abort()
+            self._fail(redis_errors.TimeoutError(f"Redis did not answer within {self._timeout:g} s."))
+        elif self.pending and not self.lost:
+            self._timer = self._loop.call_at(self.pending[0][1] + self._timeout, self._check_stall)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -90,6 +111,9 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.pending:
             future = self.pending.popleft()[0]
             if not future.done():
@@ -146,10 +170,10 @@ class RedisPipe:
         return await self.execute("EVAL", script.body, len(keys), *keys, *args)
 
     def _drop_if_stalled(self, conn: _Protocol) -> None:
-        # A caller gave up. If even the oldest command has waited past the timeout, the
-        # connection is stuck (a frozen Redis, a dead peer): start afresh rather than
-        # queue every later request behind it.
-        if conn.pending and time.monotonic() - conn.pending[0][1] > self._timeout:
+        # A caller gave up (its request ended). If even the oldest command has waited past
+        # the timeout, the connection is stuck: start afresh rather than queue every later
+        # request behind it.
+        if conn.stalled():
             conn.abort()
 
     async def _connection(self) -> _Protocol:
@@ -163,14 +187,18 @@ class RedisPipe:
         try:
             async with asyncio.timeout(self._timeout):
                 if self._path is not None:
-                    _, conn = await loop.create_unix_connection(_Protocol, self._path)
+                    _, conn = await loop.create_unix_connection(self._new_protocol, self._path)
                 else:
-                    _, conn = await loop.create_connection(_Protocol, self._host, self._port, ssl=self._ssl)
+                    _, conn = await loop.create_connection(self._new_protocol, self._host, self._port,
+                                                          ssl=self._ssl)
                 await self._handshake(conn)
         except (OSError, TimeoutError) as exc:
             raise redis_errors.ConnectionError(f"Cannot connect to Redis: {exc!r}") from exc
         self._conn = conn
         return conn
+
+    def _new_protocol(self) -> _Protocol:
+        return _Protocol(self._timeout)
 
     async def _handshake(self, conn: _Protocol) -> None:
         steps = ([("AUTH", *self._auth)] if self._auth else []) + ([("SELECT", self._db)] if self._db else [])

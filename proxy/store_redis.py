@@ -116,9 +116,16 @@ def connect(url: str, timeout: float) -> Client:
 
 async def bounded(call: Awaitable[T], limit: float, operation: str) -> T:
     """Run one store call within ``limit`` seconds; any Redis failure becomes a 503."""
-    try:
+    async def timed() -> T:
         async with asyncio.timeout(limit):
             return await call
+    return await translated(timed(), operation)
+
+
+async def translated(call: Awaitable[T], operation: str) -> T:
+    """One store call that bounds itself; any Redis failure becomes a 503."""
+    try:
+        return await call
     except _REDIS_ERRORS as exc:
         raise unavailable(operation, type(exc).__name__) from exc
 
@@ -151,7 +158,8 @@ def _checked(raw: Any, plan: Plan, operation: str) -> list[int]:
 
 
 class ScriptRunner(Protocol):
-    """Runs the quota scripts: the pipelined connection, or a redis-py client (Sentinel, Cluster)."""
+    """Runs the quota scripts: the pipelined connection, or a redis-py client (Sentinel, Cluster).
+    Each call is bounded by the store timeout (the pipe keeps one timer per connection)."""
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
 
@@ -163,18 +171,21 @@ class ScriptRunner(Protocol):
 class ClientRunner:
     """A redis-py client as a ``ScriptRunner`` (it reloads a script on NOSCRIPT by itself)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, timeout: float) -> None:
         self._client = client
+        self._timeout = timeout
         self._scripts: dict[str, AsyncScript] = {}
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         registered = self._scripts.get(script.sha)
         if registered is None:
             registered = self._scripts[script.sha] = self._client.register_script(script.body)
-        return await registered(keys=keys, args=args)
+        async with asyncio.timeout(self._timeout):
+            return await registered(keys=keys, args=args)
 
     async def ping(self) -> None:
-        await self._client.ping()
+        async with asyncio.timeout(self._timeout):
+            await self._client.ping()
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -184,19 +195,18 @@ def quota_runner(url: str, timeout: float) -> ScriptRunner:
     """The pipelined connection for a plain Redis URL; redis-py for Sentinel and Cluster."""
     if parse_redis_url(url) is None:
         return RedisPipe(url, timeout)
-    return ClientRunner(connect(url, timeout))
+    return ClientRunner(connect(url, timeout), timeout)
 
 
 class RedisQuotaStore:
-    def __init__(self, runner: ScriptRunner, timeout: float) -> None:
+    def __init__(self, runner: ScriptRunner) -> None:
         self._runner = runner
-        self._timeout = timeout
         self._reserve, self._settle, self._release = (Script(_lua(name)) for name in
                                                       ("reserve.lua", "settle.lua", "release.lua"))
 
     @classmethod
     def from_url(cls, url: str, timeout: float) -> RedisQuotaStore:
-        return cls(quota_runner(url, timeout), timeout)
+        return cls(quota_runner(url, timeout))
 
     async def reserve(self, plan: Plan, lease: str, estimate: int, lease_ttl_ms: int) -> Admission:
         raw = await self._run("reserve", plan, [_lease_key(plan, lease)], "reserve", lease, estimate,
@@ -213,13 +223,13 @@ class RedisQuotaStore:
         for check, window in zip(plan.checks, windows, strict=True):
             args += [check.kind, window]
         keys = [*_keys(plan), _lease_key(plan, lease)]
-        if await bounded(self._runner.run(self._settle, keys, args), self._timeout, "settle") != 1:
+        if await translated(self._runner.run(self._settle, keys, args), "settle") != 1:
             raise unavailable("settle", "unexpected reply")
 
     async def release(self, plan: Plan, lease: str, lease_ttl_ms: int) -> bool:
         args: list[str | int] = [lease, lease_ttl_ms, *(c.kind for c in plan.checks)]
         keys = [*_keys(plan), _lease_key(plan, lease)]
-        undone = await bounded(self._runner.run(self._release, keys, args), self._timeout, "release")
+        undone = await translated(self._runner.run(self._release, keys, args), "release")
         if type(undone) is not int or undone not in (0, 1):
             raise unavailable("release", "unexpected reply")
         return bool(undone)
@@ -232,11 +242,10 @@ class RedisQuotaStore:
         args: list[str | int] = list(head)
         for check in plan.checks:
             args += [check.kind, check.limit]
-        return await bounded(self._runner.run(self._reserve, [*_keys(plan), *extra_keys], args), self._timeout,
-                             operation)
+        return await translated(self._runner.run(self._reserve, [*_keys(plan), *extra_keys], args), operation)
 
     async def ping(self) -> None:
-        await bounded(self._runner.ping(), self._timeout, "ping")
+        await translated(self._runner.ping(), "ping")
 
     async def close(self) -> None:
         await self._runner.close()

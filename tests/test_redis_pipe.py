@@ -71,7 +71,24 @@ async def test_a_late_reply_goes_to_nobody_and_later_replies_stay_matched(
     assert await pipe.execute("ECHO", "next") == b"next"
 
 
-async def test_a_stalled_connection_is_dropped_and_replaced(pipe: RedisPipe, redis_server: RedisServer) -> None:  # noqa: F811
+async def test_a_stalled_connection_fails_its_commands_and_is_replaced(pipe: RedisPipe,
+                                                                       redis_server: RedisServer) -> None:  # noqa: F811
+    assert redis_server.proc is not None
+    await pipe.execute("PING")
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(5):  # only against a hang: the pipe's own timeout is 0.5 s
+            stuck = [asyncio.ensure_future(pipe.execute("ECHO", f"stuck {i}")) for i in range(3)]
+            for call in stuck:
+                with pytest.raises(redis_errors.TimeoutError):
+                    await call
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert await pipe.execute("ECHO", "fresh") == b"fresh"
+
+
+async def test_a_caller_giving_up_on_a_stalled_connection_drops_it(pipe: RedisPipe,
+                                                                   redis_server: RedisServer) -> None:  # noqa: F811
     assert redis_server.proc is not None
     await pipe.execute("PING")
     os.kill(redis_server.proc.pid, signal.SIGSTOP)
@@ -81,7 +98,7 @@ async def test_a_stalled_connection_is_dropped_and_replaced(pipe: RedisPipe, red
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.1):
                 await pipe.execute("ECHO", "gives up")
-        with pytest.raises(redis_errors.ConnectionError):
+        with pytest.raises(redis_errors.RedisError):
             await first  # failed with the dropped connection, not left hanging
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)

@@ -380,7 +380,7 @@ ONE = policy("edge", rpm=10)
 
 
 def fake_store(**answers: Any) -> RedisQuotaStore:
-    return RedisQuotaStore(ClientRunner(FakeClient(**answers)), TIMEOUT)  # type: ignore[arg-type]
+    return RedisQuotaStore(ClientRunner(FakeClient(**answers), TIMEOUT))  # type: ignore[arg-type]
 
 
 def admitted(checks: int = 1) -> list[int]:
@@ -408,7 +408,7 @@ async def test_a_failed_call_or_a_reply_of_another_shape_is_a_503(answer: Any) -
 @pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
 async def test_an_unexpected_error_is_the_store_failing_not_a_500(mode: StoreErrorMode) -> None:
     client = FakeClient(reserve=admitted(), settle=CLOSED, release=CLOSED)
-    quotas = QuotaService(RedisQuotaStore(ClientRunner(client), TIMEOUT),  # type: ignore[arg-type]
+    quotas = QuotaService(RedisQuotaStore(ClientRunner(client, TIMEOUT)),  # type: ignore[arg-type]
                           QuotasConfig(on_store_error=mode, store_timeout=TIMEOUT))
     try:
         reservation = await quotas.reserve(ONE, 1)
@@ -483,7 +483,7 @@ async def test_an_interrupted_command_never_leaves_its_reply_to_the_next(
     proxy = LateReplies(redis_server.port).start()
     pool = BlockingConnectionPool.from_url(proxy.url, max_connections=1, timeout=TIMEOUT, socket_timeout=TIMEOUT,
                                            socket_connect_timeout=TIMEOUT)
-    store = RedisQuotaStore(ClientRunner(aioredis.Redis(connection_pool=pool)), TIMEOUT)
+    store = RedisQuotaStore(ClientRunner(aioredis.Redis(connection_pool=pool), TIMEOUT))
     first, second = plan_for(policy("first", rpm=5)), plan_for(policy("second", rpm=7))
     assert first is not None and second is not None
     try:
