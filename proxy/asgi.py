@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -13,6 +13,13 @@ Scope = MutableMapping[str, Any]
 Message = dict[str, Any]
 Receive = Any  # Callable[[], Awaitable[Message]]
 Send = Any  # Callable[[Message], Awaitable[None]]
+
+
+# An ASGI extension of the gateway's own HTTP protocol (``http_protocol.py``):
+# ``scope["extensions"][DISCONNECT_HOOK](callback)`` has the callback called once when
+# the connection is lost (at once when it is lost already); ``(None)`` withdraws it.
+DISCONNECT_HOOK = "llm_proxy.on_disconnect"
+DisconnectHook = Callable[[Callable[[], None] | None], None]
 
 
 class ClientGone(Exception):
@@ -73,37 +80,48 @@ class DisconnectWatch:
     """Cancels the request's task when the client goes away mid-answer.
 
     uvicorn does not fail ``send`` after a disconnect, so without this an
-    abandoned request would keep its upstream busy to the end.
+    abandoned request would keep its upstream busy to the end. Under the
+    gateway's own protocol the connection calls back when it is lost; under
+    any other server a watcher task waits for ``http.disconnect`` (a task and
+    a pending ``receive`` per request, for the whole of a stream).
 
-    ``with watch.watching(receive):`` — a plain (not async) context manager:
-    starting and stopping the watcher needs no await, and a generator-based
-    one costs more per request.
+    ``with watch.watching(receive, scope):`` — a plain (not async) context
+    manager: starting and stopping the watch needs no await.
     """
 
-    __slots__ = ("_receive", "_task", "_watcher", "finishing", "gone")
+    __slots__ = ("_hook", "_receive", "_task", "_watcher", "finishing", "gone")
 
     def __init__(self) -> None:
         self.finishing = False
         self.gone = False
         self._receive: Receive = None
+        self._hook: DisconnectHook | None = None
         self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
 
-    def watching(self, receive: Receive) -> DisconnectWatch:
+    def watching(self, receive: Receive, scope: Scope) -> DisconnectWatch:
         self._receive = receive
+        extensions = scope.get("extensions")
+        self._hook = extensions.get(DISCONNECT_HOOK) if extensions else None
         return self
 
     def __enter__(self) -> DisconnectWatch:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if self._hook is not None:
+            self._hook(self._lost)
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
-        assert self._watcher is not None and self._task is not None
-        self._watcher.cancel()
+        assert self._task is not None
+        if self._hook is not None:
+            self._hook(None)
+        if self._watcher is not None:
+            self._watcher.cancel()
         if exc_type is asyncio.CancelledError and self.gone:
             self._task.uncancel()
             raise ClientGone from None
@@ -113,7 +131,10 @@ class DisconnectWatch:
         receive = self._receive
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not self.finishing:
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self.finishing and not self.gone:
             self.gone = True
             assert self._task is not None
             self._task.cancel()

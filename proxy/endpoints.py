@@ -106,7 +106,7 @@ class ChatCompletions:
         forwarded: Forwarded | None = None
         forward_started = time.perf_counter()
         try:
-            with watch.watching(receive):
+            with watch.watching(receive, scope):
                 forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
                                                        _forward_headers(scope), watchdog)
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb

@@ -26,15 +26,21 @@ answer is finished first and the connection closed after it.
 
 The timers are ``loop.call_later`` handles: one per connection, plus one per
 request only when its headers arrive in more than one read.
+
+It also tells the application at once when the connection is lost
+(``asgi.DISCONNECT_HOOK``), so a request need not keep a task waiting on
+``receive()`` for ``http.disconnect`` to learn that its client went away.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .asgi import DISCONNECT_HOOK
 from .errors import ProxyError, RequestHeaderFieldsTooLargeError, RequestTimeoutError
 
 LINGER_SECONDS = 2.0
@@ -56,6 +62,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     _head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
     _done = False  # refused: nothing more is parsed here
     _deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
+    _lost = False
+    _on_lost: Callable[[], None] | None = None  # the running request's (DISCONNECT_HOOK)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -63,7 +71,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._lost = True
         super().connection_lost(exc)
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
+
+    def _on_disconnect(self, callback: Callable[[], None] | None) -> None:
+        if callback is not None and self._lost:
+            callback()
+        else:
+            self._on_lost = callback
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's own data_received, with the accounting around the parser's feed (no super() call:
@@ -102,6 +120,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_slack = self._read_size
         super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT_HOOK: self._on_disconnect}  # type: ignore[dict-item]  # ASGI types extensions as dicts
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -21,6 +21,7 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy.asgi import DISCONNECT_HOOK
 from proxy.http_protocol import LINGER_SECONDS, LimitedHttpToolsProtocol, limited_protocol
 from tests.gateway_process import GatewayProcess
 from tests.stub_upstream import free_port
@@ -29,6 +30,7 @@ MAX_HEADER_BYTES = 4096
 HEADER_TIMEOUT = 1.0
 KEEP_ALIVE = 5.0
 SLOW = 1.5  # /slow answers after this: longer than the header timeout
+LOST = threading.Event()  # set by /watch's disconnect callback
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -48,6 +50,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         more = message.get("more_body", False)
     if scope["path"] == "/slow":
         await asyncio.sleep(SLOW)
+    if scope["path"] == "/watch":  # told of the disconnect by the protocol, not by receive()
+        hook = scope["extensions"][DISCONNECT_HOOK]
+        hook(LOST.set)
+        await asyncio.sleep(SLOW)
+        hook(None)
     body = f"{scope['path']} {size}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode())]})
@@ -316,3 +323,11 @@ def test_an_upgraded_connection_is_left_to_the_websocket_protocol(port: int) -> 
         sock.settimeout(HEADER_TIMEOUT + 0.5)
         with pytest.raises(TimeoutError):  # neither 408 nor the close
             sock.recv(1024)
+
+
+def test_the_application_is_told_at_once_when_its_client_goes(port: int) -> None:
+    LOST.clear()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /watch HTTP/1.1\r\nhost: x\r\n\r\n")
+        time.sleep(0.2)  # the request is in the application
+    assert LOST.wait(SLOW / 2), "the disconnect callback was not called"

@@ -1,0 +1,84 @@
+"""DisconnectWatch: a request whose client went away stops, under any server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from proxy.asgi import DISCONNECT_HOOK, ClientGone, DisconnectWatch
+
+
+class Hook:
+    """What the gateway's HTTP protocol offers in ``scope["extensions"]``."""
+
+    def __init__(self, lost: bool = False) -> None:
+        self.callback: Callable[[], None] | None = None
+        self.lost = lost
+
+    def __call__(self, callback: Callable[[], None] | None) -> None:
+        if callback is not None and self.lost:
+            callback()
+        else:
+            self.callback = callback
+
+    def lose(self) -> None:
+        self.lost = True
+        if self.callback is not None:
+            self.callback()
+
+
+async def _wait_forever(watch: DisconnectWatch, receive: Any, scope: dict[str, Any]) -> None:
+    with watch.watching(receive, scope):
+        await asyncio.sleep(60)
+
+
+async def test_a_disconnect_reported_by_receive_ends_the_request() -> None:
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    watch = DisconnectWatch()
+    task = asyncio.ensure_future(_wait_forever(watch, messages.get, {}))
+    await asyncio.sleep(0)
+    await messages.put({"type": "http.disconnect"})
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_connection_lost_reported_by_the_protocol_ends_the_request() -> None:
+    hook = Hook()
+
+    async def never() -> dict[str, Any]:
+        raise AssertionError("receive is not called when the protocol reports disconnects")
+
+    watch = DisconnectWatch()
+    task = asyncio.ensure_future(_wait_forever(watch, never, {"extensions": {DISCONNECT_HOOK: hook}}))
+    await asyncio.sleep(0)
+    assert hook.callback is not None
+    hook.lose()
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_connection_lost_before_the_watch_began_ends_the_request() -> None:
+    watch = DisconnectWatch()
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(_wait_forever(watch, None, {"extensions": {DISCONNECT_HOOK: Hook(lost=True)}}), 5)
+
+
+async def test_the_watch_withdraws_its_callback_when_the_answer_is_over() -> None:
+    hook = Hook()
+    watch = DisconnectWatch()
+    with watch.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
+        assert hook.callback is not None
+    assert hook.callback is None
+
+
+async def test_a_disconnect_while_the_last_bytes_leave_is_not_an_abandon() -> None:
+    hook = Hook()
+    watch = DisconnectWatch()
+    with watch.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
+        watch.finishing = True
+        hook.lose()
+        await asyncio.sleep(0)  # not cancelled
+    assert not watch.gone
