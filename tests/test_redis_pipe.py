@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,17 @@ from tests.redis_fixtures import REDIS_SERVER, RedisServer, free_port, redis_ser
 
 pytestmark = pytest.mark.timeout(60)
 ECHO = Script("return {tonumber(ARGV[1]), KEYS[1]}")
+
+
+@contextlib.contextmanager
+def frozen(server: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP): connections stay open, nothing is answered."""
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture
@@ -59,40 +71,29 @@ async def test_a_restarted_redis_fails_the_waiting_calls_then_is_used_again(
 
 async def test_a_late_reply_goes_to_nobody_and_later_replies_stay_matched(
         pipe: RedisPipe, redis_server: RedisServer) -> None:  # noqa: F811
-    assert redis_server.proc is not None
     await pipe.execute("PING")
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):  # shorter than the pipe's own timeout: no reconnect
-                await pipe.execute("ECHO", "late")
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    with frozen(redis_server), pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # shorter than the pipe's own timeout: no reconnect
+            await pipe.execute("ECHO", "late")
     assert await pipe.execute("ECHO", "next") == b"next"
 
 
 async def test_a_stalled_connection_fails_its_commands_and_is_replaced(pipe: RedisPipe,
                                                                        redis_server: RedisServer) -> None:  # noqa: F811
-    assert redis_server.proc is not None
     await pipe.execute("PING")
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         async with asyncio.timeout(5):  # only against a hang: the pipe's own timeout is 0.5 s
             stuck = [asyncio.ensure_future(pipe.execute("ECHO", f"stuck {i}")) for i in range(3)]
             for call in stuck:
                 with pytest.raises(redis_errors.TimeoutError):
                     await call
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     assert await pipe.execute("ECHO", "fresh") == b"fresh"
 
 
 async def test_a_caller_giving_up_on_a_stalled_connection_drops_it(pipe: RedisPipe,
                                                                    redis_server: RedisServer) -> None:  # noqa: F811
-    assert redis_server.proc is not None
     await pipe.execute("PING")
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         first = asyncio.ensure_future(pipe.execute("ECHO", "stuck"))
         await asyncio.sleep(0.6)  # older than the pipe's timeout (0.5 s)
         with pytest.raises(TimeoutError):
@@ -100,8 +101,6 @@ async def test_a_caller_giving_up_on_a_stalled_connection_drops_it(pipe: RedisPi
                 await pipe.execute("ECHO", "gives up")
         with pytest.raises(redis_errors.RedisError):
             await first  # failed with the dropped connection, not left hanging
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     assert await pipe.execute("ECHO", "fresh") == b"fresh"
 
 
@@ -130,16 +129,12 @@ async def test_nothing_listening_is_a_connection_error() -> None:
 
 async def test_too_many_waiting_commands_are_refused(redis_server: RedisServer) -> None:  # noqa: F811
     pipe = RedisPipe(redis_server.url, timeout=0.5, max_pending=10)
-    assert redis_server.proc is not None
     await pipe.execute("PING")
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         waiting = [asyncio.ensure_future(pipe.execute("PING")) for _ in range(10)]
         await asyncio.sleep(0)
         with pytest.raises(redis_errors.ConnectionError):
             await pipe.execute("PING")
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     assert await asyncio.gather(*waiting) == [b"PONG"] * 10
     await pipe.close()
 

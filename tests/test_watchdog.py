@@ -9,9 +9,13 @@ import pytest
 from proxy.watchdog import Watchdog
 
 
-async def _phase(watchdog: Watchdog, seconds: float, work: float) -> str:
-    """One phase as the request path writes it: 'timeout' when the watchdog ended it."""
-    watchdog.expire_in(seconds)
+async def _phase(watchdog: Watchdog, seconds: float, work: float, at: float | None = None) -> str:
+    """One phase as the request path writes it: 'timeout' when the watchdog ended it.
+    It ends ``seconds`` from now, or at the loop time ``at``."""
+    if at is None:
+        watchdog.expire_in(seconds)
+    else:
+        watchdog.expire_at(at)
     try:
         await asyncio.sleep(work)
     except asyncio.CancelledError:
@@ -80,17 +84,7 @@ async def test_both_at_once_the_outer_cancellation_wins() -> None:
     deadline = loop.time() + 0.05
 
     async def request() -> str:
-        watchdog = Watchdog()
-        watchdog.expire_at(deadline)
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            if watchdog.expired():
-                return "timeout"
-            raise
-        finally:
-            watchdog.clear()
-        return "done"
+        return await _phase(Watchdog(), 0, 5, at=deadline)  # the watchdog of the request's own task
 
     task = loop.create_task(request())
     await asyncio.sleep(0)
