@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import orjson
@@ -35,6 +36,7 @@ from .transport import UpstreamResponse
 from .watchdog import Watchdog
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -247,6 +249,9 @@ class Forwarder:
             raise
         finally:
             watchdog.clear()
+        # Every header the gateway reads of an answer was read above; a stream keeps its response
+        # to its end, and its parsed headers (a kilobyte and more) need not stay with it.
+        response.headers = _NO_HEADERS
         ttfb = self._clock() - started
         up.observe_ttfb(ttfb)
         self._events.attempt(up.name, "ok" if response.status < 400 else "4xx", ttfb)

@@ -30,15 +30,23 @@ request only when its headers arrive in more than one read.
 It also tells the application at once when the connection is lost
 (``asgi.DISCONNECT_HOOK``), so a request need not keep a task waiting on
 ``receive()`` for ``http.disconnect`` to learn that its client went away.
+
+A connection lives as long as the stream it carries, so it keeps little: its
+own attributes are slots (past 30 attributes an instance dictionary is no
+longer shared-key and takes 1.5 kB), and the request queue and uvicorn's two
+events keep their waiters in lists (a deque takes 760 bytes when created).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import httptools
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from .asgi import DISCONNECT_HOOK
 from .errors import ProxyError, RequestHeaderFieldsTooLargeError, RequestTimeoutError
@@ -50,23 +58,52 @@ class _Refused(Exception):
     """Raised from a parser callback to stop the parser after a refusal."""
 
 
+class _Event(asyncio.Event):
+    """An ``asyncio.Event`` whose waiters are a list (there is one at most): the base class's
+    deque takes 760 bytes as soon as it is created, for every connection and request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: list[asyncio.Future[bool]] = []  # type: ignore[assignment]
+
+
+class _Pipeline(list[Any]):
+    """uvicorn's queue of pipelined requests (``appendleft``, ``pop``) as a list, not a deque:
+    it is nearly always empty, and an empty deque takes 760 bytes."""
+
+    __slots__ = ()
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """Use :func:`limited_protocol` to get a subclass with the configured limits."""
+
+    __slots__ = ("_deadline", "_done", "_head_bytes", "_head_slack", "_in_head", "_lost", "_on_lost",
+                 "_read_size")
 
     max_header_bytes: int = 64 * 1024
     header_timeout: float = 10.0
 
-    _read_size = 0  # length of the read being parsed
-    _in_head = False  # between a request's first byte and the end of its headers
-    _head_bytes = 0  # reads that began inside the open header block: no more than its size
-    _head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
-    _done = False  # refused: nothing more is parsed here
-    _deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
-    _lost = False
-    _on_lost: Callable[[], None] | None = None  # the running request's (DISCONNECT_HOOK)
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.pipeline = _Pipeline()  # type: ignore[assignment]
+        self._read_size = 0  # length of the read being parsed
+        self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_bytes = 0  # reads that began inside the open header block: no more than its size
+        self._head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
+        self._done = False  # refused: nothing more is parsed here
+        self._deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
+        self._lost = False
+        self._on_lost: Callable[[], None] | None = None  # the running request's (DISCONNECT_HOOK)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        writable = _Event()
+        writable.set()
+        self.flow._is_writable_event = writable  # FlowControl's, set as it sets its own
         self._deadline = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -129,7 +166,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes + self._head_slack > self.max_header_bytes and self._parsed_size() > self.max_header_bytes:
             self._refuse_too_large()
             raise _Refused  # stops the parser: nothing after this head is read
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a new request (not an upgrade): its event, not yet awaited
+            self.cycle.message_event = _Event()
 
     def _parsed_size(self) -> int:
         """The request line and headers as parsed: their size, give or take optional spaces."""

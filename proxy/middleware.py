@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Awaitable
 
 from .asgi import Message, Receive, Scope, Send, header, send_error
 from .errors import InternalError, NotFoundError, ProxyError
@@ -19,10 +20,10 @@ class RequestIdMiddleware:
     def __init__(self, app: object) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: it hands back the app's own, so a stream waits in one frame fewer.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)  # type: ignore[operator]
-            return
+            return self.app(scope, receive, send)  # type: ignore[operator,no-any-return]
         given = header(scope, b"x-request-id")
         request_id = given if given is not None and _SAFE_ID.match(given) else secrets.token_hex(16).encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
@@ -32,7 +33,7 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)  # type: ignore[operator]
+        return self.app(scope, receive, send_with_id)  # type: ignore[operator,no-any-return]
 
 
 class ErrorMiddleware:

@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
     async def response_head(self) -> tuple[int, CIMultiDict[str]]:
         assert self._head is not None
         await self._head
+        self._head = None  # resolved: a stream need not keep it
         if self._error is not None:
             raise UpstreamConnectionError(f"cannot reach upstream: {self._error}")
         headers, self._headers = CIMultiDict(self._headers), []
