@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, MutableMapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .errors import Header, InvalidRequestError, ProxyError, RequestTooLargeError
 
@@ -15,11 +15,19 @@ Receive = Any  # Callable[[], Awaitable[Message]]
 Send = Any  # Callable[[Message], Awaitable[None]]
 
 
-# An ASGI extension of the gateway's own HTTP protocol (``http_protocol.py``):
-# ``scope["extensions"][DISCONNECT_HOOK](callback)`` has the callback called once when
-# the connection is lost (at once when it is lost already); ``(None)`` withdraws it.
 DISCONNECT_HOOK = "llm_proxy.on_disconnect"
-DisconnectHook = Callable[[Callable[[], None] | None], None]
+
+
+class DisconnectHook(Protocol):
+    """An ASGI extension of the gateway's own HTTP protocol (``http_protocol.py``), at
+    ``scope["extensions"][DISCONNECT_HOOK]``: the connection reports its loss itself."""
+
+    def watch(self, callback: Callable[[], None]) -> bool:
+        """Have ``callback`` called once when the connection is lost; False, and nothing
+        registered, when it is lost already."""
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        """Withdraw ``callback`` if it is still the one registered."""
 
 
 class ClientGone(Exception):
@@ -110,7 +118,11 @@ class DisconnectWatch:
         assert task is not None
         self._task = task
         if self._hook is not None:
-            self._hook(self._lost)
+            if not self._hook.watch(self._lost):
+                # Gone already: nothing is forwarded. (Cancelling the running task here would
+                # leave a cancellation pending that a quick error in the body could not withdraw.)
+                self.gone = True
+                raise ClientGone
         else:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self
@@ -119,7 +131,7 @@ class DisconnectWatch:
                  tb: TracebackType | None) -> Literal[False]:
         assert self._task is not None
         if self._hook is not None:
-            self._hook(None)
+            self._hook.unwatch(self._lost)
         if self._watcher is not None:
             self._watcher.cancel()
         if exc_type is asyncio.CancelledError and self.gone:

@@ -182,7 +182,8 @@ class ChatCompletions:
             tail = relay.leftover() + error_event(exc.message, code or "upstream_stream_error")
         finally:
             record.prompt_tokens, record.completion_tokens = _stream_usage(relay, prompt_tokens)
-        watch.finishing = True
+        # Not marked finishing before this send: the tail carries data, and a client that leaves
+        # while it waits on a slow reader abandoned the stream (499).
         await send({"type": "http.response.body", "body": tail})
 
 

@@ -28,7 +28,7 @@ The timers are ``loop.call_later`` handles: one per connection, plus one per
 request only when its headers arrive in more than one read.
 
 It also tells the application at once when the connection is lost
-(``asgi.DISCONNECT_HOOK``), so a request need not keep a task waiting on
+(``asgi.DisconnectHook``), so a request need not keep a task waiting on
 ``receive()`` for ``http.disconnect`` to learn that its client went away.
 
 A connection lives as long as the stream it carries, so it keeps little: its
@@ -77,10 +77,37 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
+class _DisconnectSignal:
+    """A connection's ``asgi.DisconnectHook``. The scope holds this, not the protocol: a scope
+    that held the protocol would make a cycle that only the garbage collector frees."""
+
+    __slots__ = ("_callback", "_lost")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[], None] | None = None
+        self._lost = False
+
+    def watch(self, callback: Callable[[], None]) -> bool:
+        if self._lost:
+            return False
+        self._callback = callback
+        return True
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if self._callback == callback:
+            self._callback = None
+
+    def fire(self) -> None:
+        self._lost = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """Use :func:`limited_protocol` to get a subclass with the configured limits."""
 
-    __slots__ = ("_deadline", "_done", "_head_bytes", "_head_slack", "_in_head", "_lost", "_on_lost",
+    __slots__ = ("_deadline", "_disconnect", "_done", "_head_bytes", "_head_slack", "_in_head",
                  "_read_size")
 
     max_header_bytes: int = 64 * 1024
@@ -96,8 +123,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
         self._done = False  # refused: nothing more is parsed here
         self._deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
-        self._lost = False
-        self._on_lost: Callable[[], None] | None = None  # the running request's (DISCONNECT_HOOK)
+        self._disconnect = _DisconnectSignal()  # DISCONNECT_HOOK of every request on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -108,17 +134,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
-        self._lost = True
         super().connection_lost(exc)
-        on_lost, self._on_lost = self._on_lost, None
-        if on_lost is not None:
-            on_lost()
-
-    def _on_disconnect(self, callback: Callable[[], None] | None) -> None:
-        if callback is not None and self._lost:
-            callback()
-        else:
-            self._on_lost = callback
+        self._disconnect.fire()
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's own data_received, with the accounting around the parser's feed (no super() call:
@@ -157,7 +174,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_slack = self._read_size
         super().on_message_begin()
-        self.scope["extensions"] = {DISCONNECT_HOOK: self._on_disconnect}  # type: ignore[dict-item]  # ASGI types extensions as dicts
+        self.scope["extensions"] = {DISCONNECT_HOOK: self._disconnect}  # type: ignore[dict-item]  # ASGI types extensions as dicts
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -21,7 +21,8 @@ class RequestIdMiddleware:
         self.app = app
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        # Not a coroutine: it hands back the app's own, so a stream waits in one frame fewer.
+        # Not a coroutine: it hands back the app's own, so a stream waits in one frame fewer. Hence
+        # never the app given to a server itself (uvicorn would take it for an ASGI 2 app).
         if scope["type"] != "http":
             return self.app(scope, receive, send)  # type: ignore[operator,no-any-return]
         given = header(scope, b"x-request-id")

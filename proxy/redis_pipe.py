@@ -184,6 +184,7 @@ class RedisPipe:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        conn: _Protocol | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 if self._path is not None:
@@ -192,8 +193,12 @@ class RedisPipe:
                     _, conn = await loop.create_connection(self._new_protocol, self._host, self._port,
                                                           ssl=self._ssl)
                 await self._handshake(conn)
-        except (OSError, TimeoutError) as exc:
-            raise redis_errors.ConnectionError(f"Cannot connect to Redis: {exc!r}") from exc
+        except BaseException as exc:
+            if conn is not None:
+                conn.abort()  # a handshake that failed or ran out of time leaves no socket behind
+            if isinstance(exc, OSError | TimeoutError):
+                raise redis_errors.ConnectionError(f"Cannot connect to Redis: {exc!r}") from exc
+            raise
         self._conn = conn
         return conn
 

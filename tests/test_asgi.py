@@ -18,11 +18,15 @@ class Hook:
         self.callback: Callable[[], None] | None = None
         self.lost = lost
 
-    def __call__(self, callback: Callable[[], None] | None) -> None:
-        if callback is not None and self.lost:
-            callback()
-        else:
-            self.callback = callback
+    def watch(self, callback: Callable[[], None]) -> bool:
+        if self.lost:
+            return False
+        self.callback = callback
+        return True
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if self.callback == callback:
+            self.callback = None
 
     def lose(self) -> None:
         self.lost = True
@@ -82,3 +86,29 @@ async def test_a_disconnect_while_the_last_bytes_leave_is_not_an_abandon() -> No
         hook.lose()
         await asyncio.sleep(0)  # not cancelled
     assert not watch.gone
+
+
+async def test_a_client_gone_before_the_watch_began_leaves_no_cancellation_behind() -> None:
+    """An error raised at once inside the watch (no upstream available, say) must not turn into a
+    cancellation of whatever the request awaits next (settling its quota)."""
+    watch = DisconnectWatch()
+    settled = False
+    with pytest.raises(ClientGone):
+        try:
+            with watch.watching(None, {"extensions": {DISCONNECT_HOOK: Hook(lost=True)}}):
+                raise AssertionError("nothing is forwarded for a client that is gone")
+        finally:
+            await asyncio.shield(asyncio.sleep(0))
+            settled = True
+    assert settled and watch.gone
+
+
+async def test_the_watch_withdraws_only_its_own_callback() -> None:
+    hook = Hook()
+    first, second = DisconnectWatch(), DisconnectWatch()
+    with first.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
+        pass
+    with second.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
+        first_callback = hook.callback
+        hook.unwatch(lambda: None)  # someone else's: no effect
+        assert hook.callback is first_callback is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import threading
@@ -52,9 +53,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.sleep(SLOW)
     if scope["path"] == "/watch":  # told of the disconnect by the protocol, not by receive()
         hook = scope["extensions"][DISCONNECT_HOOK]
-        hook(LOST.set)
+        assert hook.watch(LOST.set)
         await asyncio.sleep(SLOW)
-        hook(None)
+        hook.unwatch(LOST.set)
     body = f"{scope['path']} {size}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode())]})
@@ -331,3 +332,26 @@ def test_the_application_is_told_at_once_when_its_client_goes(port: int) -> None
         sock.sendall(b"GET /watch HTTP/1.1\r\nhost: x\r\n\r\n")
         time.sleep(0.2)  # the request is in the application
     assert LOST.wait(SLOW / 2), "the disconnect callback was not called"
+
+
+def test_a_closed_connection_is_freed_without_the_garbage_collector(port: int) -> None:
+    """The hook in the scope must not tie the connection into a reference cycle: a gateway with
+    thousands of streams would then keep every closed connection until a full collection."""
+    def connections() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, LimitedHttpToolsProtocol))
+
+    LOST.clear()
+    gc.collect()
+    before = connections()
+    gc.disable()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /watch HTTP/1.1\r\nhost: x\r\n\r\n")
+            time.sleep(0.2)
+        assert LOST.wait(SLOW / 2)
+        deadline = time.monotonic() + SLOW + 3  # the application ends its /watch wait first
+        while connections() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connections() == before, "a closed connection is kept until the garbage collector runs"
+    finally:
+        gc.enable()
