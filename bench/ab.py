@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import stub
-from procs import ROOT, Procs, cpu_seconds, free_port, pin, redis_argv, start_gateway, which
+from procs import ROOT, Procs, cpu_seconds, free_port, start_backends, start_gateway, which
 
 HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"}
 ENV = {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9/"}
@@ -45,17 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     procs = Procs(workdir)
     with procs.session():
-        redis_port = None
-        if not a.no_quotas and which("redis-server"):
-            redis_port = free_port()
-            procs.start("redis", pin("0", redis_argv(redis_port)), port=redis_port)
-        stub_port = free_port()
-        nginx = which("nginx") or "nginx"
-        procs.start(
-            "stub",
-            pin("0", [nginx, "-c", str(stub.stub_conf(workdir, stub_port)), "-p", str(workdir)]),
-            port=stub_port,
-        )
+        backends = start_backends(procs, workdir, lambda port: stub.stub_conf(workdir, port),
+                                  quotas=not a.no_quotas and which("redis-server") is not None)
+        redis_port, stub_port = backends.redis_port, backends.stub_port
         cfg = workdir / "gateway.yaml"
         cfg.write_text(stub.gateway_config(stub_port, redis_port))
         gateways = {}

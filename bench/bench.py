@@ -55,9 +55,9 @@ from procs import (
     http_get,
     machine,
     pin,
-    redis_argv,
     redis_counters,
     rss_bytes,
+    start_backends,
     start_gateway,
     which,
 )
@@ -598,16 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     nginx = which("nginx") or "nginx"
     procs = Procs(workdir)
     with procs.session():
-        redis_port, redis_p = None, None
-        if s.quotas:
-            redis_port = free_port()
-            redis_p = procs.start("redis", pin("0", redis_argv(redis_port)), port=redis_port)
-        stub_port = free_port()
-        stub_p = procs.start(
-            "stub",
-            pin("0", [nginx, "-c", str(stub.stub_conf(workdir, stub_port)), "-p", str(workdir)]),
-            port=stub_port,
-        )
+        backends = start_backends(procs, workdir, lambda port: stub.stub_conf(workdir, port), quotas=s.quotas)
+        redis_port, redis_p = backends.redis_port, backends.redis
+        stub_port, stub_p = backends.stub_port, backends.stub
         hop_port = free_port()
         hop_p = procs.start(
             "hop",

@@ -47,9 +47,8 @@ from procs import (
     free_port,
     machine,
     open_fds,
-    pin,
-    redis_argv,
     rss_bytes,
+    start_backends,
     start_gateway,
     tcp_ports,
     which,
@@ -408,21 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         "quotas": quotas,
         "nofile": soft,
     }
-    nginx = which("nginx") or "nginx"
     procs = Procs(workdir)
     with procs.session():
-        redis_port = None
-        if quotas:
-            redis_port = free_port()
-            procs.start("redis", pin("0", redis_argv(redis_port)), port=redis_port)
-        stub_port = free_port()
         # ~5.5 KB of stream at 48 B/s: about 2 minutes per stream (longer than the phase), a burst
         # every second, an event every ~5 s; the first body bytes after ~3 s (headers count too).
-        procs.start(
-            "stub",
-            pin("0", [nginx, "-c", str(stub.stub_conf(workdir, stub_port, drip_rate=48)), "-p", str(workdir)]),
-            port=stub_port,
-        )
+        backends = start_backends(procs, workdir, lambda port: stub.stub_conf(workdir, port, drip_rate=48),
+                                  quotas=quotas)
+        redis_port, stub_port = backends.redis_port, backends.stub_port
         cfg = workdir / "gateway.yaml"
         cfg.write_text(stub.gateway_config(stub_port, redis_port))
         warm = loadgen.post_script(

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,3 +336,26 @@ def machine() -> dict[str, str]:
         "python": sys.version.split()[0],
         "loadavg_at_start": " ".join(load),
     }
+
+
+@dataclass
+class Backends:
+    """What the gateway under test talks to, on core 0: the nginx stub and (with quotas) Redis."""
+
+    stub: Proc
+    stub_port: int
+    redis: Proc | None
+    redis_port: int | None
+
+
+def start_backends(procs: Procs, workdir: Path, stub_conf: Callable[[int], Path], quotas: bool) -> Backends:
+    """Redis when ``quotas``, then the nginx stub whose config ``stub_conf(port)`` writes."""
+    redis, redis_port = None, None
+    if quotas:
+        redis_port = free_port()
+        redis = procs.start("redis", pin("0", redis_argv(redis_port)), port=redis_port)
+    stub_port = free_port()
+    nginx = which("nginx") or "nginx"
+    stub = procs.start("stub", pin("0", [nginx, "-c", str(stub_conf(stub_port)), "-p", str(workdir)]),
+                       port=stub_port)
+    return Backends(stub, stub_port, redis, redis_port)

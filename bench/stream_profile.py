@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import stub
 from memory import GATEWAY_ENV, StreamClient
-from procs import ROOT, Procs, free_port, gateway_argv, pin, redis_argv, which
+from procs import ROOT, Procs, free_port, gateway_argv, pin, start_backends, which
 
 # Runs in the gateway process: tracemalloc from the first import, a dump on SIGUSR1.
 _GATEWAY_MAIN = """
@@ -128,16 +128,11 @@ def main() -> int:
             if f.is_file():
                 f.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
-    nginx = which("nginx") or "nginx"
     procs = Procs(workdir)
     with procs.session():
-        redis_port = None
-        if not a.no_quotas and which("redis-server"):
-            redis_port = free_port()
-            procs.start("redis", pin("0", redis_argv(redis_port)), port=redis_port)
-        stub_port = free_port()
-        procs.start("stub", pin("0", [nginx, "-c", str(stub.stub_conf(workdir, stub_port, drip_rate=48)),
-                                      "-p", str(workdir)]), port=stub_port)
+        backends = start_backends(procs, workdir, lambda port: stub.stub_conf(workdir, port, drip_rate=48),
+                                  quotas=not a.no_quotas and which("redis-server") is not None)
+        redis_port, stub_port = backends.redis_port, backends.stub_port
         cfg = workdir / "gateway.yaml"
         cfg.write_text(stub.gateway_config(stub_port, redis_port))
         port = free_port()
