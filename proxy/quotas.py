@@ -88,16 +88,15 @@ class Reservation:
     Kept for a request's whole life (a stream's too): a slotted object with just what settling
     needs, not a closure over the store's answer (bench/README.md, memory per open stream)."""
 
-    __slots__ = ("_estimate", "_lease", "_plan", "_service", "_settle", "_windows", "headers")
+    __slots__ = ("_estimate", "_lease", "_plan", "_service", "_windows", "headers")
     _plan: Plan
     _lease: str
     _windows: tuple[int, ...]
     _estimate: int
 
-    def __init__(self, headers: tuple[Header, ...] = (),
-                 settle: Callable[[int], Awaitable[None]] | None = None) -> None:
+    def __init__(self, headers: tuple[Header, ...] = ()) -> None:
+        """Nothing to settle: no limits apply, or the store failed open."""
         self.headers = headers
-        self._settle = settle
         self._service: QuotaService | None = None
 
     @classmethod
@@ -111,12 +110,9 @@ class Reservation:
         return reservation
 
     async def settle(self, used_tokens: int) -> None:
-        settle, self._settle = self._settle, None
         service, self._service = self._service, None
-        if settle is not None:
+        if service is not None:
             # Shielded: a cancelled request must still give its lease back.
-            await asyncio.shield(settle(max(0, used_tokens)))
-        elif service is not None:
             await asyncio.shield(service._settle(self._plan, self._lease, self._windows,
                                                  max(0, used_tokens) - self._estimate))
 
