@@ -91,23 +91,20 @@ class _Protocol(asyncio.Protocol):
             self._timer = loop.call_at(now + self._timeout, self._check_stall)
         return future
 
-    def stalled(self) -> bool:
-        """The oldest command has waited past the timeout."""
-        return bool(self.pending) and self._loop.time() - self.pending[0][1] >= self._timeout - 0.001
-
     def _check_stall(self) -> None:
         self._timer = None
-        if self.stalled():
-            if self.transport is not None:
-                self.transport.abort()
-            self._fail(redis_errors.TimeoutError(f"Redis did not answer within {self._timeout:g} s."))
-        elif self.pending and not self.lost:
-            self._timer = self._loop.call_at(self.pending[0][1] + self._timeout, self._check_stall)
+        if not self.pending or self.lost:
+            return
+        oldest = self.pending[0][1]
+        if self._loop.time() - oldest >= self._timeout - 0.001:  # the loop's timers are ms-grained
+            self.abort(redis_errors.TimeoutError(f"Redis did not answer within {self._timeout:g} s."))
+        else:
+            self._timer = self._loop.call_at(oldest + self._timeout, self._check_stall)
 
-    def abort(self) -> None:
+    def abort(self, why: Exception | None = None) -> None:
         if self.transport is not None:
             self.transport.abort()
-        self._fail(redis_errors.ConnectionError("Redis connection closed."))
+        self._fail(why or redis_errors.ConnectionError("Redis connection closed."))
 
     def _fail(self, exc: Exception) -> None:
         self.lost = True
@@ -149,12 +146,7 @@ class RedisPipe:
             conn = await self._connection()
         if len(conn.pending) >= self._max_pending:
             raise redis_errors.ConnectionError("Too many Redis commands waiting for a reply.")
-        future = conn.send(_frame(args))
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            self._drop_if_stalled(conn)
-            raise
+        reply = await conn.send(_frame(args))
         if isinstance(reply, redis_errors.ResponseError):
             raise reply
         return reply
@@ -168,13 +160,6 @@ class RedisPipe:
                 raise
         # A restarted or failed-over Redis lost its script cache; EVAL loads it again.
         return await self.execute("EVAL", script.body, len(keys), *keys, *args)
-
-    def _drop_if_stalled(self, conn: _Protocol) -> None:
-        # A caller gave up (its request ended). If even the oldest command has waited past
-        # the timeout, the connection is stuck: start afresh rather than queue every later
-        # request behind it.
-        if conn.stalled():
-            conn.abort()
 
     async def _connection(self) -> _Protocol:
         if self._connecting is None or self._connecting.done():
