@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, MutableMapping
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from .errors import Header, InvalidRequestError, ProxyError, RequestTooLargeError
 
@@ -18,16 +18,37 @@ Send = Any  # Callable[[Message], Awaitable[None]]
 DISCONNECT_HOOK = "llm_proxy.on_disconnect"
 
 
-class DisconnectHook(Protocol):
-    """An ASGI extension of the gateway's own HTTP protocol (``http_protocol.py``), at
-    ``scope["extensions"][DISCONNECT_HOOK]``: the connection reports its loss itself."""
+class DisconnectSignal:
+    """A connection's report of its own loss, offered to the application as an ASGI extension
+    at ``scope["extensions"][DISCONNECT_HOOK]`` by the gateway's HTTP protocol
+    (``http_protocol.py``), which calls ``fire`` when the connection is lost. The scope holds
+    this, not the protocol: a scope holding the protocol would make a reference cycle that only
+    the garbage collector frees."""
+
+    __slots__ = ("_callback", "_lost")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[], None] | None = None
+        self._lost = False
 
     def watch(self, callback: Callable[[], None]) -> bool:
         """Have ``callback`` called once when the connection is lost; False, and nothing
         registered, when it is lost already."""
+        if self._lost:
+            return False
+        self._callback = callback
+        return True
 
     def unwatch(self, callback: Callable[[], None]) -> None:
         """Withdraw ``callback`` if it is still the one registered."""
+        if self._callback == callback:
+            self._callback = None
+
+    def fire(self) -> None:
+        self._lost = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 class ClientGone(Exception):
@@ -103,7 +124,7 @@ class DisconnectWatch:
         self.finishing = False
         self.gone = False
         self._receive: Receive = None
-        self._hook: DisconnectHook | None = None
+        self._hook: DisconnectSignal | None = None
         self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
 

@@ -28,7 +28,7 @@ The timers are ``loop.call_later`` handles: one per connection, plus one per
 request only when its headers arrive in more than one read.
 
 It also tells the application at once when the connection is lost
-(``asgi.DisconnectHook``), so a request need not keep a task waiting on
+(``asgi.DisconnectSignal``), so a request need not keep a task waiting on
 ``receive()`` for ``http.disconnect`` to learn that its client went away.
 
 A connection lives as long as the stream it carries, so it keeps little: its
@@ -40,7 +40,6 @@ events keep their waiters in lists (a deque takes 760 bytes when created).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -48,7 +47,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from .asgi import DISCONNECT_HOOK
+from .asgi import DISCONNECT_HOOK, DisconnectSignal
 from .errors import ProxyError, RequestHeaderFieldsTooLargeError, RequestTimeoutError
 
 LINGER_SECONDS = 2.0
@@ -77,33 +76,6 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
-class _DisconnectSignal:
-    """A connection's ``asgi.DisconnectHook``. The scope holds this, not the protocol: a scope
-    that held the protocol would make a cycle that only the garbage collector frees."""
-
-    __slots__ = ("_callback", "_lost")
-
-    def __init__(self) -> None:
-        self._callback: Callable[[], None] | None = None
-        self._lost = False
-
-    def watch(self, callback: Callable[[], None]) -> bool:
-        if self._lost:
-            return False
-        self._callback = callback
-        return True
-
-    def unwatch(self, callback: Callable[[], None]) -> None:
-        if self._callback == callback:
-            self._callback = None
-
-    def fire(self) -> None:
-        self._lost = True
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback()
-
-
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """Use :func:`limited_protocol` to get a subclass with the configured limits."""
 
@@ -123,7 +95,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
         self._done = False  # refused: nothing more is parsed here
         self._deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
-        self._disconnect = _DisconnectSignal()  # DISCONNECT_HOOK of every request on this connection
+        self._disconnect = DisconnectSignal()  # DISCONNECT_HOOK of every request on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from proxy.asgi import DISCONNECT_HOOK, ClientGone, DisconnectWatch
+from proxy.asgi import DISCONNECT_HOOK, ClientGone, DisconnectSignal, DisconnectWatch
 
 
-class Hook:
-    """What the gateway's HTTP protocol offers in ``scope["extensions"]``."""
-
-    def __init__(self, lost: bool = False) -> None:
-        self.callback: Callable[[], None] | None = None
-        self.lost = lost
-
-    def watch(self, callback: Callable[[], None]) -> bool:
-        if self.lost:
-            return False
-        self.callback = callback
-        return True
-
-    def unwatch(self, callback: Callable[[], None]) -> None:
-        if self.callback == callback:
-            self.callback = None
-
-    def lose(self) -> None:
-        self.lost = True
-        if self.callback is not None:
-            self.callback()
+def _lost() -> DisconnectSignal:
+    signal = DisconnectSignal()
+    signal.fire()
+    return signal
 
 
 async def _wait_forever(watch: DisconnectWatch, receive: Any, scope: dict[str, Any]) -> None:
@@ -50,7 +32,7 @@ async def test_a_disconnect_reported_by_receive_ends_the_request() -> None:
 
 
 async def test_a_connection_lost_reported_by_the_protocol_ends_the_request() -> None:
-    hook = Hook()
+    hook = DisconnectSignal()
 
     async def never() -> dict[str, Any]:
         raise AssertionError("receive is not called when the protocol reports disconnects")
@@ -58,8 +40,7 @@ async def test_a_connection_lost_reported_by_the_protocol_ends_the_request() -> 
     watch = DisconnectWatch()
     task = asyncio.ensure_future(_wait_forever(watch, never, {"extensions": {DISCONNECT_HOOK: hook}}))
     await asyncio.sleep(0)
-    assert hook.callback is not None
-    hook.lose()
+    hook.fire()
     with pytest.raises(ClientGone):
         await asyncio.wait_for(task, 5)
 
@@ -67,23 +48,24 @@ async def test_a_connection_lost_reported_by_the_protocol_ends_the_request() -> 
 async def test_a_connection_lost_before_the_watch_began_ends_the_request() -> None:
     watch = DisconnectWatch()
     with pytest.raises(ClientGone):
-        await asyncio.wait_for(_wait_forever(watch, None, {"extensions": {DISCONNECT_HOOK: Hook(lost=True)}}), 5)
+        await asyncio.wait_for(_wait_forever(watch, None, {"extensions": {DISCONNECT_HOOK: _lost()}}), 5)
 
 
 async def test_the_watch_withdraws_its_callback_when_the_answer_is_over() -> None:
-    hook = Hook()
+    hook = DisconnectSignal()
     watch = DisconnectWatch()
     with watch.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
-        assert hook.callback is not None
-    assert hook.callback is None
+        pass
+    hook.fire()  # the connection closes after the answer: nothing of the request is called
+    assert not watch.gone
 
 
 async def test_a_disconnect_while_the_last_bytes_leave_is_not_an_abandon() -> None:
-    hook = Hook()
+    hook = DisconnectSignal()
     watch = DisconnectWatch()
     with watch.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
         watch.finishing = True
-        hook.lose()
+        hook.fire()
         await asyncio.sleep(0)  # not cancelled
     assert not watch.gone
 
@@ -95,7 +77,7 @@ async def test_a_client_gone_before_the_watch_began_leaves_no_cancellation_behin
     settled = False
     with pytest.raises(ClientGone):
         try:
-            with watch.watching(None, {"extensions": {DISCONNECT_HOOK: Hook(lost=True)}}):
+            with watch.watching(None, {"extensions": {DISCONNECT_HOOK: _lost()}}):
                 raise AssertionError("nothing is forwarded for a client that is gone")
         finally:
             await asyncio.shield(asyncio.sleep(0))
@@ -104,11 +86,14 @@ async def test_a_client_gone_before_the_watch_began_leaves_no_cancellation_behin
 
 
 async def test_the_watch_withdraws_only_its_own_callback() -> None:
-    hook = Hook()
+    """On a kept-alive connection a request that ends late must not withdraw the next one's."""
+    hook = DisconnectSignal()
+    scope = {"extensions": {DISCONNECT_HOOK: hook}}
     first, second = DisconnectWatch(), DisconnectWatch()
-    with first.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
-        pass
-    with second.watching(None, {"extensions": {DISCONNECT_HOOK: hook}}):
-        first_callback = hook.callback
-        hook.unwatch(lambda: None)  # someone else's: no effect
-        assert hook.callback is first_callback is not None
+    with first.watching(None, scope):
+        task = asyncio.ensure_future(_wait_forever(second, None, scope))
+        await asyncio.sleep(0)  # the second request registers while the first is still ending
+    hook.fire()
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(task, 5)
+    assert not first.gone
