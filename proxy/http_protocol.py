@@ -48,6 +48,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .asgi import DISCONNECT_HOOK, DisconnectSignal
+from .batched_writes import BatchedTransport
 from .errors import ProxyError, RequestHeaderFieldsTooLargeError, RequestTimeoutError
 
 LINGER_SECONDS = 2.0
@@ -98,7 +99,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disconnect = DisconnectSignal()  # DISCONNECT_HOOK of every request on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # A response's head and body (and a stream's tail) leave in one send.
+        super().connection_made(BatchedTransport(transport, self.loop))
         writable = _Event()
         writable.set()
         self.flow._is_writable_event = writable  # FlowControl's, set as it sets its own

@@ -355,3 +355,19 @@ def test_a_closed_connection_is_freed_without_the_garbage_collector(port: int) -
         assert connections() == before, "a closed connection is kept until the garbage collector runs"
     finally:
         gc.enable()
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """Linux's tcp_info.tcpi_data_segs_in: data segments this socket received."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int.from_bytes(info[152:156], "little")
+
+
+def test_an_answers_head_and_body_reach_the_client_as_one_segment(port: int) -> None:
+    """One send per answer: the client (and the kernel) are woken once, not once per part."""
+    with connect(port) as (sock, reader):
+        for _ in range(3):  # a kept-alive connection, answer after answer
+            before = _data_segments_in(sock)
+            sock.sendall(get("/"))
+            assert read_response(reader)[2] == b"/ 0"
+            assert _data_segments_in(sock) - before == 1

@@ -180,3 +180,18 @@ async def test_tls_with_a_verified_certificate(tls_redis: tuple[int, Path]) -> N
     with pytest.raises(redis_errors.ConnectionError):
         await untrusted.execute("PING")
     await untrusted.close()
+
+
+async def _reads(pipe: RedisPipe) -> int:
+    info = (await pipe.execute("INFO", "stats")).decode()
+    return int(next(line for line in info.splitlines() if line.startswith("total_reads_processed:"))
+               .split(":")[1])
+
+
+async def test_the_calls_of_one_loop_pass_reach_redis_in_one_round_trip(pipe: RedisPipe) -> None:
+    """Requests that reserve or settle at the same moment share a send and Redis's read of it."""
+    await pipe.run(ECHO, ["k"], [0])  # loaded: no NOSCRIPT round below
+    before = await _reads(pipe)
+    replies = await asyncio.gather(*(pipe.run(ECHO, [f"k{i}"], [i]) for i in range(50)))
+    assert replies == [[i, f"k{i}".encode()] for i in range(50)]
+    assert await _reads(pipe) - before == 2  # the 50 calls, then this INFO
