@@ -9,8 +9,11 @@ have sent it without the option. Otherwise bytes pass through untouched.
 Complete events are forwarded as soon as their blank line arrives; only an
 unfinished event is held back. All complete events of a chunk are handled
 together: with ``\\n\\n`` framing (what every OpenAI-style upstream sends)
-one ``split`` finds them, and an event is parsed only when it carries a usage
-object; ``\\r`` framings take the general path.
+the events before a stream's last few are changed in bulk (a few passes over
+the bytes, not a few calls per event), the rest one at a time, and an event is
+parsed only when it carries a usage object; ``\\r`` framings take the
+general path. The bulk pass gives exactly what the one-event-at-a-time rule
+gives (``tests/test_streaming.py`` holds it to that over any chunking).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ _LF_END = b"\n\n"
 # occur inside a JSON string (a quote there is escaped), so each is the member itself.
 _USAGE_NULL = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 _NULL_VALUE = b'"usage":null'  # _USAGE_NULL[0] without its comma
+_NULL_LAST_MEMBER = b',"usage":null}'  # where OpenAI puts it: the last member of the event's object
+_NULL_LAST = _NULL_LAST_MEMBER + b"\n\n"
+_NULL_LAST_CUT = b"}\n\n"
+_LF = ord("\n")
 _COMMA = ord(",")
 _USAGE = b'"usage"'
 _CONTENT = b'"content":"'
@@ -37,7 +44,7 @@ class SseRelay:
         self.strip_usage = strip_usage
         self.usage: dict[str, Any] | None = None
         self.done = False
-        self.content_events = 0
+        self.content_events = 0  # content deltas: one per choice per event
         self._pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -45,16 +52,22 @@ class SseRelay:
         buffer = self._pending + data if self._pending else data
         if b"\r" in buffer:
             return self._feed_framed(buffer)
-        events = buffer.split(_LF_END)
-        self._pending = events.pop()
-        if not events:
+        end = buffer.rfind(_LF_END) + 2
+        if end == 1:
+            self._pending = buffer
             return b""
-        if self.strip_usage or _USAGE in buffer or _DONE in buffer:
-            return self._relay_lf(events)
-        # Nothing to change or to parse: the complete events leave as they came.
-        if _CONTENT in buffer:
-            self.content_events += _count_content(events)
-        return buffer[:len(buffer) - len(self._pending)] if self._pending else buffer
+        if end > 2 and buffer[end - 3] == _LF:
+            # A run of three or more line breaks: only split() says where its events end.
+            events = buffer.split(_LF_END)
+            self._pending = events.pop()
+            complete = buffer[:len(buffer) - len(self._pending)]
+            self.content_events += complete.count(_CONTENT)
+            return self._each(events)
+        complete, self._pending = (buffer[:end], buffer[end:]) if end < len(buffer) else (buffer, b"")
+        self.content_events += complete.count(_CONTENT)
+        if _USAGE not in complete and _DONE not in complete:
+            return complete  # nothing to change or to parse: the events leave as they came
+        return self._relay_lf(complete)
 
     def leftover(self) -> bytes:
         """What to send of an unterminated last event when the upstream ends: nothing.
@@ -67,23 +80,49 @@ class SseRelay:
         self._pending = b""
         return b""
 
-    def _relay_lf(self, events: list[bytes]) -> bytes:
-        """Complete ``\\n\\n``-framed events (without their terminators) → the bytes to send.
+    def _relay_lf(self, complete: bytes) -> bytes:
+        """Complete ``\\n\\n``-framed events → the bytes to send.
 
-        One ``find`` per event: when its first ``"usage"`` is the member
-        include_usage adds, that is the first ``,"usage":null`` too, the one
-        ``_usage_member`` would remove, so it is cut out without that search."""
+        Every event but a stream's last few carries ``"usage":null`` as the last member of its
+        object. The last events (``[DONE]``, the usage event) go one at a time; those before
+        them in bulk when each ``"usage"`` among them is such a member: an event then names
+        ``usage`` once at most (the member ends at its blank line), so cutting the member out of
+        every ``,"usage":null}\\n\\n`` is exactly the one-event-at-a-time rule."""
+        cut, last = len(complete), []
+        while cut:
+            at = complete.rfind(_LF_END, 0, cut - 2)
+            if at > 0 and complete[at - 1] == _LF:
+                return self._each(complete.split(_LF_END)[:-1])  # see feed
+            start = at + 2 if at >= 0 else 0
+            event = complete[start:cut - 2]
+            if not _ends_stream(event):
+                break
+            last.append(event)
+            cut = start
+        head = complete[:cut] if last else complete
+        bulk = head.replace(_NULL_LAST, _NULL_LAST_CUT)
+        if _USAGE in bulk or _DONE in head:
+            out = self._each(head.split(_LF_END)[:-1]) if head else b""
+        else:
+            out = bulk if self.strip_usage else head
+        if last:
+            last.reverse()
+            out += self._each(last)
+        return out
+
+    def _each(self, events: list[bytes]) -> bytes:
+        """Complete events (without their blank lines), one at a time. One ``find`` per event:
+        when its first ``"usage"`` is the member include_usage adds, that is the first
+        ``,"usage":null`` too, the one ``_usage_member`` would remove, so it is cut out
+        without that search."""
         kept: list[bytes] = []
         keep = kept.append
         strip = self.strip_usage
-        content = 0
         for event in events:
             if event.startswith(_DONE):
                 self.done = True
                 keep(event)
                 continue
-            if _CONTENT in event:
-                content += 1
             at = event.find(_USAGE)
             if at < 0:
                 keep(event)
@@ -91,7 +130,6 @@ class SseRelay:
                 keep(event[:at - 1] + event[at + len(_NULL_VALUE):] if strip else event)
             elif (sent := self._usage_member(event)) is not None:
                 keep(sent)
-        self.content_events += content
         if not kept:
             return b""
         keep(b"")
@@ -111,8 +149,7 @@ class SseRelay:
         if event.startswith(_DONE):
             self.done = True
             return event + terminator
-        if _CONTENT in event:
-            self.content_events += 1
+        self.content_events += event.count(_CONTENT)
         if _USAGE not in event:
             return event + terminator
         changed = self._usage_member(event)
@@ -141,8 +178,9 @@ class SseRelay:
         return b"data: " + orjson.dumps(payload)
 
 
-def _count_content(events: list[bytes]) -> int:
-    return sum(1 for event in events if _CONTENT in event)
+def _ends_stream(event: bytes) -> bool:
+    """``[DONE]``, or an event that names ``usage`` other than as its object's last member."""
+    return event.startswith(_DONE) or (_USAGE in event and not event.endswith(_NULL_LAST_MEMBER))
 
 
 def _data_of(event: bytes) -> Any:

@@ -89,7 +89,7 @@ def _reference(data: bytes, strip: bool) -> tuple[bytes, dict[str, object] | Non
             done = True
             out += event + terminator
             continue
-        content += b'"content":"' in event
+        content += event.count(b'"content":"')  # content deltas: one per choice
         null = next((p for p in _NULLS if p in event), None) if b'"usage"' in event else None
         if null is not None:
             out += (event.replace(null, b"", 1) if strip else event) + terminator
@@ -131,6 +131,9 @@ ODD_EVENTS = [
     b'event: x\ndata: {"choices":[],\ndata: "usage":{"prompt_tokens":3}}\n\n',
     b'data: {"usage":{"prompt_tokens":1},"choices":[{"delta":{"content":"q"}}]}\n\n', b'data: {bad "usage":{\n\n',
     b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\r\n\r\n',
+    # for the bulk pass: runs of line breaks, [DONE] where it is not an event's start, a nested member
+    b"\n\n\n", b'\ndata: [DONE]\n\n', b'data: [DONE],"usage":null}\n\n', b'data: {"x":{"usage":null}}\n\n',
+    b'data: {"content":"usage","usage":null}\n\n\n', b'data: {"a":"usage","usage":null}\n\n',
 ]
 
 
