@@ -8,9 +8,12 @@ send and one wake-up of the peer instead of several (``bench/README.md``).
 
 The first write of a pass schedules the flush with ``call_soon``, so bytes
 wait at most until the loop has run the callbacks already due, never for a
-timer or for I/O. Everything that ends or shuts the stream (``close``,
-``write_eof``) flushes first; ``abort`` drops what is held, as it drops what
-the transport holds. Every other transport method is the wrapped one's.
+timer or for I/O; an owner that knows nothing more will follow (the HTTP
+protocol, once an answer is complete) calls ``flush`` itself, so the answer
+does not wait for what its task does next. Everything that ends or shuts the
+stream (``close``, ``write_eof``) flushes first; ``abort`` drops what is held,
+as it drops what the transport holds. Every other transport method is the
+wrapped one's.
 """
 
 from __future__ import annotations

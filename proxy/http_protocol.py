@@ -80,7 +80,7 @@ class _Pipeline(list[Any]):
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """Use :func:`limited_protocol` to get a subclass with the configured limits."""
 
-    __slots__ = ("_deadline", "_disconnect", "_done", "_head_bytes", "_head_slack", "_in_head",
+    __slots__ = ("_deadline", "_disconnect", "_done", "_head_bytes", "_head_slack", "_in_head", "_out",
                  "_read_size")
 
     max_header_bytes: int = 64 * 1024
@@ -99,8 +99,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disconnect = DisconnectSignal()  # DISCONNECT_HOOK of every request on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        # A response's head and body (and a stream's tail) leave in one send.
-        super().connection_made(BatchedTransport(transport, self.loop))
+        # A response's head and body leave in one send, and a stream's events of one loop pass too.
+        self._out = BatchedTransport(transport, self.loop)
+        super().connection_made(self._out)
         writable = _Event()
         writable.set()
         self.flow._is_writable_event = writable  # FlowControl's, set as it sets its own
@@ -142,6 +143,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             # Bytes that start no request (uvicorn has just dropped its keep-alive timer for them).
             self._arm_deadline()
+
+    def on_response_complete(self) -> None:
+        # A finished answer leaves now, not after what its request does next (settling its quota).
+        self._out.flush()
+        super().on_response_complete()
 
     def on_message_begin(self) -> None:
         self._in_head = True

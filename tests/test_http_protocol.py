@@ -32,6 +32,7 @@ HEADER_TIMEOUT = 1.0
 KEEP_ALIVE = 5.0
 SLOW = 1.5  # /slow answers after this: longer than the header timeout
 LOST = threading.Event()  # set by /watch's disconnect callback
+BUSY = 0.5  # /then-busy holds the event loop this long after its answer
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -60,6 +61,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+    if scope["path"] == "/then-busy":  # what a request does after its answer (settling its quota)
+        time.sleep(BUSY)  # noqa: ASYNC251  # blocking on purpose: the loop is busy
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +374,11 @@ def test_an_answers_head_and_body_reach_the_client_as_one_segment(port: int) -> 
             sock.sendall(get("/"))
             assert read_response(reader)[2] == b"/ 0"
             assert _data_segments_in(sock) - before == 1
+
+
+def test_a_finished_answer_leaves_before_the_work_its_request_does_next(port: int) -> None:
+    with connect(port) as (sock, reader):
+        started = time.monotonic()
+        sock.sendall(get("/then-busy"))
+        assert read_response(reader)[2] == b"/then-busy 0"
+        assert time.monotonic() - started < BUSY / 2
