@@ -151,13 +151,14 @@ class QuotaService:
         self._probing = False
         self._prober: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
-        self._plans: dict[str, tuple[KeyPolicy, Plan | None]] = {}
+        self._plans: dict[str, tuple[KeyPolicy, tuple[Plan, RateHeaders] | None]] = {}
         self._closing = False
 
     async def reserve(self, policy: KeyPolicy, estimate_tokens: int) -> Reservation:
-        plan = self._plan(policy)
-        if plan is None:
+        planned = self._plan(policy)
+        if planned is None:
             return Reservation()
+        plan, rate_headers = planned
         lease = secrets.token_hex(8)
         estimate = max(0, estimate_tokens)
         sent = False
@@ -179,7 +180,7 @@ class QuotaService:
             if sent:
                 self._release_later(plan, lease)
             raise
-        headers = rate_headers(plan, admission.states)
+        headers = rate_headers(admission.states)
         if not admission.admitted:
             raise denial(policy, plan, admission, headers, estimate)
 
@@ -192,7 +193,7 @@ class QuotaService:
             # The lease expires by itself (lease_ttl) and the estimate stays charged.
             self._log.warning("quota settle failed: %s", exc.message)
 
-    def _plan(self, policy: KeyPolicy) -> Plan | None:
+    def _plan(self, policy: KeyPolicy) -> tuple[Plan, RateHeaders] | None:
         # Policies are frozen and long-lived (config, issued-key cache): the same object
         # gets the same plan. A changed policy is a new object and gets a new one.
         hit = self._plans.get(policy.id)
@@ -201,8 +202,9 @@ class QuotaService:
         if len(self._plans) >= MAX_CACHED_PLANS:
             self._plans.clear()
         plan = plan_for(policy)
-        self._plans[policy.id] = (policy, plan)
-        return plan
+        planned = (plan, RateHeaders.of(plan)) if plan is not None else None
+        self._plans[policy.id] = (policy, planned)
+        return planned
 
     def _lease_ttl_ms(self) -> int:
         return int(self._settings.lease_ttl * 1000)
@@ -306,20 +308,45 @@ class QuotaService:
         await self._store.close()
 
 
-def rate_headers(plan: Plan, states: tuple[CheckState, ...]) -> tuple[Header, ...]:
-    """OpenAI's x-ratelimit-* headers from the tightest rpm and the tightest token limit."""
-    pairs = list(zip(plan.checks, states, strict=True))
-    headers: list[Header] = []
-    for suffix, kinds in (("requests", ("rpm",)), ("tokens", _TOKEN_KINDS)):
-        relevant = [(c, s) for c, s in pairs if c.kind in kinds]
-        if relevant:
-            check, state = min(relevant, key=lambda cs: cs[1].remaining)
-            headers += [
-                (f"x-ratelimit-limit-{suffix}".encode(), str(check.limit).encode()),
-                (f"x-ratelimit-remaining-{suffix}".encode(), str(state.remaining).encode()),
-                (f"x-ratelimit-reset-{suffix}".encode(), duration(state.reset_ms).encode()),
-            ]
-    return tuple(headers)
+@dataclass(frozen=True, slots=True)
+class _HeaderGroup:
+    """One family of x-ratelimit-* headers: its names, and the checks it may report."""
+
+    names: tuple[bytes, bytes, bytes]  # limit, remaining, reset
+    checks: tuple[int, ...]  # indices into the plan's checks
+    limits: tuple[bytes, ...]  # their limits, as sent
+
+
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """OpenAI's x-ratelimit-* headers of one plan: from its tightest rpm and its tightest token
+    limit. Built once per plan (the names and limits never change), filled per request."""
+
+    groups: tuple[_HeaderGroup, ...]
+
+    @classmethod
+    def of(cls, plan: Plan) -> RateHeaders:
+        groups = []
+        for suffix, kinds in (("requests", ("rpm",)), ("tokens", _TOKEN_KINDS)):
+            indices = tuple(i for i, c in enumerate(plan.checks) if c.kind in kinds)
+            if indices:
+                names = tuple(f"x-ratelimit-{n}-{suffix}".encode() for n in ("limit", "remaining", "reset"))
+                limits = tuple(str(plan.checks[i].limit).encode() for i in indices)
+                groups.append(_HeaderGroup(names, indices, limits))  # type: ignore[arg-type]
+        return cls(tuple(groups))
+
+    def __call__(self, states: tuple[CheckState, ...]) -> tuple[Header, ...]:
+        headers: list[Header] = []
+        for group in self.groups:
+            tightest = 0
+            for n, i in enumerate(group.checks[1:], 1):
+                if states[i].remaining < states[group.checks[tightest]].remaining:
+                    tightest = n
+            state = states[group.checks[tightest]]
+            limit, remaining, reset = group.names
+            headers += ((limit, group.limits[tightest]), (remaining, b"%d" % state.remaining),
+                        (reset, duration(state.reset_ms).encode()))
+        return tuple(headers)
 
 
 def denial(policy: KeyPolicy, plan: Plan, admission: Admission, headers: tuple[Header, ...],

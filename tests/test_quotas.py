@@ -598,3 +598,12 @@ async def test_close_ends_the_pending_releases() -> None:
     await service.close()
     assert time.perf_counter() - started < 1.0  # one store timeout (0.05 s), then cancelled
     assert task.cancelled() and not service._releases
+
+
+async def test_headers_report_the_tightest_limit_of_key_and_team(make_service: MakeService) -> None:
+    service = make_service()
+    p = policy("a", "t", Limits(rpm=5, tpm=100_000), rpm=100, tpm=1000)
+    reservation = await service.reserve(p, 10)
+    got = {k.decode(): v.decode() for k, v in reservation.headers}
+    assert (got["x-ratelimit-limit-requests"], got["x-ratelimit-remaining-requests"]) == ("5", "4")  # the team's
+    assert (got["x-ratelimit-limit-tokens"], got["x-ratelimit-remaining-tokens"]) == ("1000", "990")  # the key's
