@@ -26,7 +26,7 @@ class BatchedTransport(asyncio.Transport):
     __slots__ = ("_held", "_loop", "_size", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
+        # No super().__init__(): its extra-info dict would go unused (get_extra_info is the wrapped one's).
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] | None = None  # None: nothing held, no flush scheduled

@@ -144,6 +144,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # Bytes that start no request (uvicorn has just dropped its keep-alive timer for them).
             self._arm_deadline()
 
+    def eof_received(self) -> None:
+        # The client shut its side: the transport closes itself next, past the batching, so what
+        # this pass held (a stream's last events) leaves first, as uvloop's own buffer would.
+        self._out.flush()
+        super().eof_received()
+
     def on_response_complete(self) -> None:
         # A finished answer leaves now, not after what its request does next (settling its quota).
         self._out.flush()

@@ -121,6 +121,7 @@ class SseRelay:
         for event in events:
             if event.startswith(_DONE):
                 self.done = True
+                self.content_events -= event.count(_CONTENT)  # feed counted it; [DONE] carries none
                 keep(event)
                 continue
             at = event.find(_USAGE)

@@ -134,6 +134,7 @@ ODD_EVENTS = [
     # for the bulk pass: runs of line breaks, [DONE] where it is not an event's start, a nested member
     b"\n\n\n", b'\ndata: [DONE]\n\n', b'data: [DONE],"usage":null}\n\n', b'data: {"x":{"usage":null}}\n\n',
     b'data: {"content":"usage","usage":null}\n\n\n', b'data: {"a":"usage","usage":null}\n\n',
+    b'data: [DONE] {"content":"x"}\n\n',
 ]
 
 
