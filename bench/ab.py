@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import stub
-from procs import ROOT, Procs, cpu_seconds, free_port, start_backends, start_gateway, which
+from procs import GATEWAY_ENV, ROOT, Procs, cpu_seconds, free_port, start_backends, start_gateway, which
 
-HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"}
-ENV = {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9/"}
+HEADERS = stub.HEADERS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, root in roots.items():
             os.environ["BENCH_GATEWAY_ROOT"] = str(root)
             port = free_port()
-            gateways[name] = start_gateway(procs, f"gateway-{name}", cfg, port, "1", ENV)
+            gateways[name] = start_gateway(procs, f"gateway-{name}", cfg, port, "1", GATEWAY_ENV)
         os.environ.pop("BENCH_GATEWAY_ROOT", None)
         bodies = {"json": stub.request_body(stub.MODEL, False), "stream": stub.request_body(stub.STREAM_MODEL, True)}
         scripts = {kind: loadgen.post_script(workdir, kind, body, HEADERS) for kind, body in bodies.items()}

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import stub
 from procs import (
+    GATEWAY_ENV,
     ROOT,
     SCRIPT_COMMANDS,
     Proc,
@@ -63,16 +64,7 @@ from procs import (
 )
 
 KINDS = ("json", "stream")
-HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"}
-# Tracing configured but not sampled (issue 7): an exporter endpoint nobody
-# listens on, and a sampler that drops every span.
-GATEWAY_ENV = {
-    "OTEL_SERVICE_NAME": "llm-proxy-bench",
-    "OTEL_TRACES_SAMPLER": "always_off",
-    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9/",
-    "OTEL_METRICS_EXPORTER": "none",
-    "OTEL_LOGS_EXPORTER": "none",
-}
+HEADERS = stub.HEADERS
 
 
 @dataclass

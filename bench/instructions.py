@@ -29,10 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stub
-from procs import ROOT, Procs, free_port, gateway_argv, start_backends, which
+from procs import GATEWAY_ENV, ROOT, Procs, free_port, gateway_argv, start_backends, which
 
-HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"}
-ENV = {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9/"}
 WARM_UP = 300
 
 
@@ -40,7 +38,7 @@ def send(port: int, body: bytes, count: int) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # loopback only
     try:
         for _ in range(count):
-            conn.request("POST", "/v1/chat/completions", body, HEADERS)
+            conn.request("POST", "/v1/chat/completions", body, stub.HEADERS)
             answer = conn.getresponse()
             answer.read()
             if answer.status != 200:
@@ -53,7 +51,7 @@ def count(procs: Procs, workdir: Path, root: Path, config: Path, kind: str, requ
     port = free_port()
     out = workdir / f"callgrind-{root.name}-{kind}"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", *gateway_argv(config, port)]
-    gateway = procs.start(f"gateway-{root.name}-{kind}", argv, {**ENV, "PYTHONPATH": str(root)}, port,
+    gateway = procs.start(f"gateway-{root.name}-{kind}", argv, {**GATEWAY_ENV, "PYTHONPATH": str(root)}, port,
                           wait=300.0, stop_signal=signal.SIGINT, cwd=root)
     body = stub.request_body(stub.MODEL if kind == "json" else stub.STREAM_MODEL, kind == "stream")
     send(port, body, WARM_UP)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import stub
 from procs import (
+    GATEWAY_ENV,
     ROOT,
     Proc,
     Procs,
@@ -55,13 +56,6 @@ from procs import (
 )
 
 MIB = 2**20
-GATEWAY_ENV = {
-    "OTEL_TRACES_SAMPLER": "always_off",
-    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9/",
-    "OTEL_SERVICE_NAME": "llm-proxy-bench",
-    "OTEL_METRICS_EXPORTER": "none",
-    "OTEL_LOGS_EXPORTER": "none",
-}
 
 
 def log(msg: str) -> None:
@@ -240,7 +234,7 @@ async def abandon_loop(gw_port: int, until: float, workers: int = 8) -> int:
 def leak_phase(workdir: Path, gw_port: int, gw_pid: int, seconds: float, connections: int) -> dict[str, Any]:
     body_ok = stub.request_body(stub.MODEL, False)
     body_stream = stub.request_body(stub.STREAM_MODEL, True)
-    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"}
+    auth = stub.HEADERS
     bad_key = {**auth, "Authorization": "Bearer sk-wrong"}
     invalid = b'{"model":"bench-model","messages":[{"role":"user","content":"hi"}],"temperature":7}'
     unknown = b'{"model":"no-such-model","messages":[{"role":"user","content":"hi"}]}'
@@ -420,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir,
             "warm",
             stub.request_body(stub.MODEL, False),
-            {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"},
+            stub.HEADERS,
         )
 
         def fresh_gateway(name: str) -> Proc:

@@ -23,6 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Tracing configured but not sampled (issue 7): an exporter endpoint nobody
+# listens on, and a sampler that drops every span.
+GATEWAY_ENV = {
+    "OTEL_SERVICE_NAME": "llm-proxy-bench",
+    "OTEL_TRACES_SAMPLER": "always_off",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9/",
+    "OTEL_METRICS_EXPORTER": "none",
+    "OTEL_LOGS_EXPORTER": "none",
+}
 
 
 def free_port() -> int:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import stub
-from memory import GATEWAY_ENV, StreamClient
-from procs import ROOT, Procs, free_port, gateway_argv, pin, start_backends, which
+from memory import StreamClient
+from procs import GATEWAY_ENV, ROOT, Procs, free_port, gateway_argv, pin, start_backends, which
 
 # Runs in the gateway process: tracemalloc from the first import, a dump on SIGUSR1.
 _GATEWAY_MAIN = """
@@ -142,7 +142,7 @@ def main() -> int:
                "PROFILE_FRAMES": str(a.frames)}
         gw = procs.start("gateway", pin("1", argv), env, port, wait=30.0, stop_signal=signal.SIGINT)
         warm = loadgen.post_script(workdir, "warm", stub.request_body(stub.MODEL, False),
-                                   {"Content-Type": "application/json", "Authorization": f"Bearer {stub.KEY}"})
+                                   stub.HEADERS)
         loadgen.run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", warm, 2, 16)
 
         async def run() -> None:

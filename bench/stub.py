@@ -18,6 +18,7 @@ MODEL = "bench-model"
 STREAM_MODEL = "bench-stream"
 SLOW_MODEL = "bench-slow"
 KEY = "sk-bench"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
 CREATED = 1764000000
 WORDS = (
     "The quick brown fox jumps over the lazy dog while the gateway relays every event exactly as it came"
