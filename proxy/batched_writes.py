@@ -23,14 +23,13 @@ from typing import Any
 
 
 class BatchedTransport(asyncio.Transport):
-    __slots__ = ("_held", "_loop", "_size", "_transport")
+    __slots__ = ("_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         # No super().__init__(): its extra-info dict would go unused (get_extra_info is the wrapped one's).
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] | None = None  # None: nothing held, no flush scheduled
-        self._size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -41,7 +40,6 @@ class BatchedTransport(asyncio.Transport):
             self._loop.call_soon(self.flush)
         else:
             held.append(bytes(data))
-        self._size += len(data)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
@@ -53,7 +51,6 @@ class BatchedTransport(asyncio.Transport):
         if held is None:
             return
         self._held = None
-        self._size = 0
         if not self._transport.is_closing():
             self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
@@ -67,7 +64,6 @@ class BatchedTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self._held = None
-        self._size = 0
         self._transport.abort()
 
     def can_write_eof(self) -> bool:
@@ -95,7 +91,7 @@ class BatchedTransport(asyncio.Transport):
         return self._transport.get_protocol()
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + self._size
+        return self._transport.get_write_buffer_size() + sum(map(len, self._held or ()))
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._transport.get_write_buffer_limits()

@@ -102,7 +102,7 @@ class SseRelay:
         head = complete[:cut] if last else complete
         bulk = head.replace(_NULL_LAST, _NULL_LAST_CUT)
         if _USAGE in bulk or _DONE in head:
-            out = self._each(head.split(_LF_END)[:-1]) if head else b""
+            out = self._each(head.split(_LF_END)[:-1])
         else:
             out = bulk if self.strip_usage else head
         if last:
