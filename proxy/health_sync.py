@@ -94,7 +94,7 @@ class RedisHealthShare:
                     if change is not None:
                         yield change
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -106,7 +106,7 @@ def connect(url: str, timeout: float) -> Client:
         nodes = [ClusterNode(h, p) for h, p in target.hosts]
         return RedisCluster(startup_nodes=nodes, ssl=target.tls, **auth, **common)
     # The URL's password is the master's; sentinels are commonly run without one.
-    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=dict(common),  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=dict(common),  # type: ignore[no-untyped-call, unused-ignore]
                         **auth, **common)
     assert target.service is not None
     tls: dict[str, Any] = {"connection_class": SentinelManagedSSLConnection} if target.tls else {}
@@ -325,7 +325,7 @@ class RedisDirectory:
                     assert message is not None
                     yield _str(message["data"])
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def close(self) -> None:
         await self._client.aclose()
