@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from procs import (
     Proc,
     Procs,
     core_busy_seconds,
+    cores_awake,
     cpu_seconds,
     free_port,
     gateway_root,
@@ -64,6 +65,15 @@ from procs import (
 )
 
 KINDS = ("json", "stream")
+# (row label, kind, Measure field, limit over direct in ms) at the constant rate
+LATENCY_ROWS = (
+    ("non-stream p50", "json", "p50_ms", 0.5),
+    ("non-stream p99", "json", "p99_ms", 2.0),
+    ("stream TTFB p50", "stream", "ttfb_p50_ms", 0.5),
+    ("stream TTFB p99", "stream", "ttfb_p99_ms", 2.0),
+    ("stream last byte p50", "stream", "p50_ms", 0.5),
+    ("stream last byte p99", "stream", "p99_ms", 2.0),
+)
 HEADERS = stub.HEADERS
 
 
@@ -78,6 +88,7 @@ class Settings:
     quotas: bool
     profile: bool
     lb: bool
+    awake: bool
 
 
 @dataclass
@@ -122,6 +133,7 @@ def settings(argv: list[str] | None) -> Settings:
     p.add_argument("--profile", action="store_true", help="also py-spy the gateway under saturation")
     p.add_argument("--no-quotas", action="store_true", help="no Redis, no limits on the key")
     p.add_argument("--no-lb", action="store_true", help="skip the two-processes-behind-nginx case")
+    p.add_argument("--no-awake", action="store_true", help="skip the constant rate with the cores kept awake")
     p.add_argument("--seconds", type=float, help="saturation seconds per case (default 10; smoke 2)")
     p.add_argument("--rate-seconds", type=float, help="constant-rate seconds per case (default 20; smoke 2)")
     p.add_argument("--rate", type=int, default=200, help="constant rate, requests/s (default 200)")
@@ -140,6 +152,7 @@ def settings(argv: list[str] | None) -> Settings:
         quotas=not a.no_quotas and which("redis-server") is not None,
         profile=a.profile,
         lb=not a.no_lb,
+        awake=not a.no_awake,
     )
 
 
@@ -180,14 +193,17 @@ def saturate(s: Settings, t: Target, kind: str, script: Path, m: Measure) -> Non
     )
 
 
-def constant_rate(s: Settings, workdir: Path, t: Target, kind: str, m: Measure, redis_port: int | None) -> None:
+def constant_rate(s: Settings, workdir: Path, t: Target, kind: str, m: Measure, redis_port: int | None,
+                  spinners: Sequence[int] = ()) -> None:
     pids = t.pids()
     cpu0, busy0, wall0 = cpu_seconds(pids), core_busy_seconds(1), time.monotonic()
+    spun0 = cpu_seconds(spinners[1:2])  # the spinner on core 1 is not foreign load
     before = redis_counters(redis_port) if redis_port else None
     r = loadgen.run_k6(workdir, f"{t.name}-{kind}", t.url(kind), t.bodies[kind], HEADERS, s.rate, s.rate_s)
     after = redis_counters(redis_port) if redis_port else None
     cpu = cpu_seconds(pids) - cpu0
-    m.foreign_core1_rate = max(0.0, (core_busy_seconds(1) - busy0 - cpu) / (time.monotonic() - wall0))
+    spun = cpu_seconds(spinners[1:2]) - spun0
+    m.foreign_core1_rate = max(0.0, (core_busy_seconds(1) - busy0 - cpu - spun) / (time.monotonic() - wall0))
     m.cpu_us_rate = cpu * 1e6 / r.requests if r.requests else 0.0
     m.p50_ms, m.p99_ms, m.ttfb_p50_ms, m.ttfb_p99_ms = r.p50_ms, r.p99_ms, r.ttfb_p50_ms, r.ttfb_p99_ms
     m.rate_requests, m.rate_failed, m.rate_dropped = r.requests, r.failed, r.dropped
@@ -198,7 +214,8 @@ def constant_rate(s: Settings, workdir: Path, t: Target, kind: str, m: Measure, 
         delta["__reads__"] -= 1  # our INFO's read
         m.redis = {k: v / r.requests for k, v in delta.items() if v > 0}
     log(
-        f"  {t.name:8} {kind:6} @{s.rate}/s p50 {r.p50_ms:6.2f} ms p99 {r.p99_ms:6.2f} ms  "
+        f"  {t.name:8} {kind:6} @{s.rate}/s{' awake' if spinners else ''} "
+        f"p50 {r.p50_ms:6.2f} ms p99 {r.p99_ms:6.2f} ms  "
         f"ttfb p50 {r.ttfb_p50_ms:6.2f} p99 {r.ttfb_p99_ms:6.2f}  cpu {m.cpu_us_rate:7.1f} µs/req  "
         f"failed {r.failed} dropped {r.dropped}  core-1 foreign {100 * m.foreign_core1_rate:.0f}%"
     )
@@ -388,7 +405,11 @@ def _f(v: float, digits: int = 0) -> str:
 
 
 def build_table(
-    s: Settings, res: dict[str, dict[str, Measure]], scale: dict[str, Any], redis_on: bool
+    s: Settings,
+    res: dict[str, dict[str, Measure]],
+    awake: dict[str, dict[str, Measure]],
+    scale: dict[str, Any],
+    redis_on: bool,
 ) -> tuple[list[list[str]], list[dict[str, Any]]]:
     d, h, g = res["direct"], res["hop"], res["gateway"]
     rows: list[list[str]] = []
@@ -439,37 +460,35 @@ def build_table(
             g[kind].cpu_us_sat <= 300,
             g[kind].cpu_us_sat,
         )
-    for kind in KINDS:
-        label = "non-stream" if kind == "json" else "stream"
-        add(
-            f"{label}: CPU µs/req at {s.rate}/s",
-            _f(d[kind].cpu_us_rate, 1),
-            _f(h[kind].cpu_us_rate, 1),
-            _f(g[kind].cpu_us_rate, 1),
-            ratio(g[kind].cpu_us_rate, d[kind].cpu_us_rate),
-            ratio(g[kind].cpu_us_rate, h[kind].cpu_us_rate),
-        )
+    def at_rate(rs: dict[str, dict[str, Measure]], how: str) -> None:
+        rd, rh, rg = rs["direct"], rs["hop"], rs["gateway"]
+        for kind in KINDS:
+            label = "non-stream" if kind == "json" else "stream"
+            add(
+                f"{label}: CPU µs/req at {s.rate}/s{how}",
+                _f(rd[kind].cpu_us_rate, 1),
+                _f(rh[kind].cpu_us_rate, 1),
+                _f(rg[kind].cpu_us_rate, 1),
+                ratio(rg[kind].cpu_us_rate, rd[kind].cpu_us_rate),
+                ratio(rg[kind].cpu_us_rate, rh[kind].cpu_us_rate),
+            )
+        for label, kind, attr, limit in LATENCY_ROWS:
+            vd, vh, vg = getattr(rd[kind], attr), getattr(rh[kind], attr), getattr(rg[kind], attr)
+            add(
+                f"{label} at {s.rate}/s{how}, ms",
+                _f(vd, 3),
+                _f(vh, 3),
+                _f(vg, 3),
+                f"+{vg - vd:.3f} ms",
+                f"+{vg - vh:.3f} ms",
+                f"≤ +{limit} ms vs direct",
+                vg - vd <= limit,
+                vg - vd,
+            )
 
-    def lat(label: str, kind: str, attr: str, limit: float) -> None:
-        vd, vh, vg = getattr(d[kind], attr), getattr(h[kind], attr), getattr(g[kind], attr)
-        add(
-            f"{label} at {s.rate}/s, ms",
-            _f(vd, 3),
-            _f(vh, 3),
-            _f(vg, 3),
-            f"+{vg - vd:.3f} ms",
-            f"+{vg - vh:.3f} ms",
-            f"≤ +{limit} ms vs direct",
-            vg - vd <= limit,
-            vg - vd,
-        )
-
-    lat("non-stream p50", "json", "p50_ms", 0.5)
-    lat("non-stream p99", "json", "p99_ms", 2.0)
-    lat("stream TTFB p50", "stream", "ttfb_p50_ms", 0.5)
-    lat("stream TTFB p99", "stream", "ttfb_p99_ms", 2.0)
-    lat("stream last byte p50", "stream", "p50_ms", 0.5)
-    lat("stream last byte p99", "stream", "p99_ms", 2.0)
+    at_rate(res, "")
+    if awake:
+        at_rate(awake, ", cores kept awake")
     rss_d = max(d[k].rss_mib for k in KINDS)
     rss_h = max(h[k].rss_mib for k in KINDS)
     rss_g = max(g[k].rss_mib for k in KINDS)
@@ -537,7 +556,8 @@ def build_table(
             )
     else:
         add("Redis round trips per request", "–", "–", "quotas off", "–", "–")
-    foreign = max(max(m.foreign_core1_sat, m.foreign_core1_rate) for t in res.values() for m in t.values())
+    foreign = max(max(m.foreign_core1_sat, m.foreign_core1_rate)
+                  for rs in (res, awake) for t in rs.values() for m in t.values())
     add(
         "noise: most of core 1 busy outside the process under test in any run (other processes, irq)",
         "",
@@ -546,7 +566,7 @@ def build_table(
         "",
         "",
     )
-    errors = sum(m.errors + m.rate_failed for t in res.values() for m in t.values())
+    errors = sum(m.errors + m.rate_failed for rs in (res, awake) for t in rs.values() for m in t.values())
     errors += sum(v.get("errors", 0) for v in scale.values())
     add("errors (non-2xx, socket) over all runs", "", "", str(errors), "", "")
     return rows, targets
@@ -646,6 +666,15 @@ def main(argv: list[str] | None = None) -> int:
         for k in KINDS:
             for t in targets:
                 constant_rate(s, workdir, t, k, res[t.name][k], redis_port if t.name == "gateway" else None)
+        awake: dict[str, dict[str, Measure]] = {}
+        if s.awake:
+            log("constant rate again, cores kept awake (a SCHED_IDLE spinner on each core)")
+            awake = {t.name: {k: Measure() for k in KINDS} for t in targets}
+            with cores_awake(procs, 2) as spinners:
+                for k in KINDS:
+                    for t in targets:
+                        constant_rate(s, workdir, t, k, awake[t.name][k],
+                                      redis_port if t.name == "gateway" else None, spinners)
         metrics_status, _ = http_get(f"http://127.0.0.1:{gw_port}/metrics")
         info["metrics"] = "on" if metrics_status == 200 else f"absent ({metrics_status})"
         log("two gateway processes")
@@ -659,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     if redis_port is not None and not redis_on:
         info["quotas"] = False
         info["quotas_note"] = "redis_url was configured but the gateway sent Redis no commands"
-    rows, verdicts = build_table(s, res, scale, redis_on)
+    rows, verdicts = build_table(s, res, awake, scale, redis_on)
     md = markdown(rows, info)
     out_dir.mkdir(exist_ok=True)
     (out_dir / "results.md").write_text(md)
@@ -671,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                 "table": rows,
                 "targets": verdicts,
                 "measures": {t: {k: asdict(m) for k, m in v.items()} for t, v in res.items()},
+                "measures_awake": {t: {k: asdict(m) for k, m in v.items()} for t, v in awake.items()},
                 "redis_per_request": {k: {kk: vv for kk, vv in v.redis.items()} for k, v in res["gateway"].items()},
                 "scaling": scale,
                 "profile": prof,

@@ -235,6 +235,24 @@ class Procs:
             self.stop_all()
 
 
+@contextlib.contextmanager
+def cores_awake(procs: Procs, count: int) -> Iterator[list[int]]:
+    """One spinner per core at SCHED_IDLE: it runs only when nothing else wants the core, and any
+    wake-up preempts it at once, so it takes no time from the processes measured; it only keeps
+    the core from idling. A virtual CPU that idles is halted by the host, and its next wake-up
+    (the host's scheduler, a cold cache) is what a low constant rate pays per request on a VM.
+    Yields the spinners' pids (their CPU is not "foreign" load)."""
+    spinners = []
+    for core in range(count):
+        argv = ["chrt", "--idle", "0", *pin(str(core), ["sh", "-c", "while :; do :; done"])]
+        spinners.append(procs.start(f"awake-{core}", argv))
+    try:
+        yield [p.pid for p in spinners]
+    finally:
+        for p in spinners:
+            procs.stop(p)
+
+
 def gateway_root() -> Path:
     """The checkout whose ``proxy`` package is benchmarked: this one, or $BENCH_GATEWAY_ROOT
     (to compare a change against a baseline checkout on the same machine)."""

@@ -47,6 +47,10 @@ def test_bench_smoke_runs_every_case() -> None:
             assert m["requests"] > 0 and m["rps"] > 0, (target, kind, m)
             assert m["rate_requests"] > 0, (target, kind, m)
             assert m["errors"] == 0 and m["rate_failed"] == 0, (target, kind, m)
+    for target, kinds in data["measures_awake"].items():  # the same rate, cores kept from idling
+        for kind, m in kinds.items():
+            assert m["rate_requests"] > 0 and m["rate_failed"] == 0, (target, kind, m)
+    assert set(data["measures_awake"]) == {"direct", "hop", "gateway"}
     assert measures["gateway"]["json"]["cpu_us_sat"] > 0
     assert data["scaling"]["json_direct"]["rps"] > 0
     assert "| metric |" in (out / "results.md").read_text()
