@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
@@ -130,7 +129,7 @@ class ChatCompletions:
                           record: RequestRecord, watch: DisconnectWatch) -> None:
         status = fwd.response.status
         if status < 400:
-            _count_usage(record, prompt_tokens, fwd.first)
+            _count_usage(record, prompt_tokens, fwd)
         record.status = status
         watch.finishing = True
         await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
@@ -266,22 +265,14 @@ def _upstream_header(fwd: Forwarded) -> tuple[Header, ...]:
     return (upstream,)
 
 
-def _count_usage(record: RequestRecord, prompt_tokens: int, body: bytes) -> None:
-    usage = _usage_of(body)
+def _count_usage(record: RequestRecord, prompt_tokens: int, fwd: Forwarded) -> None:
+    usage = fwd.usage
     if usage is None:
         record.prompt_tokens = prompt_tokens
-        record.completion_tokens = max(1, len(body) // 16)
+        record.completion_tokens = max(1, len(fwd.first) // 16)
         return
     record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     record.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-
-def _usage_of(body: bytes) -> dict[str, Any] | None:
-    try:
-        usage = orjson.loads(body).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
 
 
 def _stream_usage(relay: SseRelay, prompt_tokens: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -87,6 +87,7 @@ class Forwarded:
     attempts: int
     model: str = ""  # the public model that answered (a fallback, perhaps)
     request_model: str = ""
+    usage: dict[str, Any] | None = None  # a whole body's usage member, read when it was checked
     _done: bool = field(default=False, repr=False)
 
     def finish(self, ok: bool, now: float) -> None:
@@ -217,6 +218,7 @@ class Forwarder:
         limit = min(cfg.timeout.first_byte if request.stream else cfg.timeout.total,
                     deadline - started)
         response: UpstreamResponse | None = None
+        usage: dict[str, Any] | None = None
         watchdog.expire_in(limit)
         try:
             response = await up.transport.post(providers.chat_url(cfg, candidate.model), headers,
@@ -228,7 +230,7 @@ class Forwarder:
             first = await (response.read_chunk() if request.stream and not relayed_error
                            else _read_body(response))
             if not relayed_error:
-                self._check_first(request, first)
+                usage = self._check_first(request, first)
         except asyncio.CancelledError:
             if not watchdog.expired():
                 # Cancelled from outside (the client went away): the upstream is given back
@@ -255,7 +257,7 @@ class Forwarder:
         ttfb = self._clock() - started
         up.observe_ttfb(ttfb)
         self._events.attempt(up.name, "ok" if response.status < 400 else "4xx", ttfb)
-        return Forwarded(candidate, response, first, ttfb, 0)
+        return Forwarded(candidate, response, first, ttfb, 0, usage=usage)
 
     def _check_status(self, candidate: Candidate, response: UpstreamResponse) -> None:
         status = response.status
@@ -279,11 +281,12 @@ class Forwarder:
                 code="upstream_auth_error"))
 
     @staticmethod
-    def _check_first(request: ChatRequest, first: bytes) -> None:
+    def _check_first(request: ChatRequest, first: bytes) -> dict[str, Any] | None:
+        """Refuse an answer that cannot be relayed; a whole body's usage, parsed once here."""
         if request.stream:
             if not first:
                 raise _AttemptFailed("cut", UpstreamError("The upstream closed the stream at once."))
-            return
+            return None
         try:
             parsed = orjson.loads(first)
         except orjson.JSONDecodeError:
@@ -292,6 +295,8 @@ class Forwarder:
         if not isinstance(parsed, dict) or ("error" in parsed and "choices" not in parsed):
             raise _AttemptFailed("5xx", UpstreamError("The upstream answered with an error body.",
                                                       code="upstream_bad_response"))
+        usage = parsed.get("usage")
+        return usage if isinstance(usage, dict) else None
 
     def _fail(self, candidate: Candidate, response: UpstreamResponse | None, outcome: str,
               started: float, health: bool) -> None:

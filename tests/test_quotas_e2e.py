@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from proxy import mock
@@ -70,8 +71,6 @@ def upstream_usage(request: dict[str, Any]) -> int:
 
 def gateway_estimate(request: dict[str, Any]) -> int:
     """What the gateway reserves before forwarding: its prompt estimate + max_tokens × n."""
-    import orjson
-
     parsed = parse_chat_request(orjson.dumps(request), "application/json")
     return parsed.prompt_tokens + (parsed.max_tokens or 4096) * parsed.n
 
@@ -280,6 +279,20 @@ def test_usage_is_charged_exactly_as_the_upstream_reported(env: Env) -> None:
     assert env.usage(key_id) == {"tpm": expected, "tokens_per_day": expected, "tokens_per_month": expected}
     team_usage = env.admin("GET", f"/admin/teams/{team}/usage").json()["usage"]
     assert [(u["scope"], u["limit"], u["used"]) for u in team_usage] == [("team", "tokens_per_day", expected)]
+
+
+def test_an_answer_without_usage_is_charged_an_estimate_of_its_length(env: Env) -> None:
+    key_id, secret = env.new_key(tpm=10**6, tokens_per_day=10**7)
+    completion = {"id": "chatcmpl-quiet", "object": "chat.completion", "created": 1, "model": MODEL,
+                  "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                               "message": {"role": "assistant", "content": "word " * 200}}]}
+    env.stub.behave("status", status=200, body=completion)  # an upstream that reports no usage
+    request = body(content="what does this cost")
+    answer = env.chat(secret, request)
+    assert answer.status_code == 200 and "usage" not in answer.json()
+    prompt = parse_chat_request(orjson.dumps(request), "application/json").prompt_tokens
+    # One token per 16 bytes of the answer (docs/quotas.md), never the reservation's max_tokens.
+    assert env.usage(key_id)["tokens_per_day"] == prompt + len(answer.content) // 16
 
 
 def test_an_abandoned_stream_releases_its_lease_at_once(env: Env) -> None:
