@@ -229,7 +229,7 @@ def scaling(
     one: dict[str, Measure],
     scripts: dict[str, Path],
     gw_b: Proc,
-    env_pids: list[int],
+    env: dict[str, list[int]],
 ) -> dict[str, Any]:
     """Two gateway processes, one per core, each driven by its own wrk (no balancer in between),
     and, unless --no-lb, the same two behind an nginx balancer.
@@ -251,7 +251,7 @@ def scaling(
         best: dict[str, Any] = {}
         for _ in range(rounds):
             pids = [gw_a.pid, gw_b.pid]
-            cpu0, env0 = cpu_seconds(pids), cpu_seconds(env_pids)
+            cpu0, env0 = cpu_seconds(pids), {name: cpu_seconds(ps) for name, ps in env.items()}
             kids0 = _children_cpu()
             busy0, wall0 = core_busy_seconds(0) + core_busy_seconds(1), time.monotonic()
             runs = [
@@ -261,7 +261,9 @@ def scaling(
             results = [loadgen.finish_wrk(r, s.saturate_s) for r in runs]
             wall = time.monotonic() - wall0
             cpu = cpu_seconds(pids) - cpu0
-            ours = cpu + cpu_seconds(env_pids) - env0 + _children_cpu() - kids0
+            each = {name: cpu_seconds(ps) - env0[name] for name, ps in env.items()}
+            each["wrk"] = _children_cpu() - kids0
+            ours = cpu + sum(each.values())
             foreign = max(0.0, core_busy_seconds(0) + core_busy_seconds(1) - busy0 - ours) / (2 * wall)
             total = sum(r.rps for r in results)
             requests = sum(r.requests for r in results)
@@ -279,6 +281,7 @@ def scaling(
                 "projected_ratio": one[kind].cpu_us_sat * 2 / cpu_us if cpu_us else 0.0,
                 "foreign_share": foreign,
                 "others_us": others_us,
+                "others_each_us": {name: v * 1e6 / requests if requests else 0.0 for name, v in each.items()},
                 "ceiling_ratio": ceiling / one[kind].rps if one[kind].rps else 0.0,
                 "per_process": [r.rps for r in results],
             }
@@ -286,6 +289,7 @@ def scaling(
                 f"  2 gateways {kind:6} (one wrk each) {total:9.0f} req/s = {round_['ratio']:.2f}× one; "
                 f"gateways used {round_['gateway_cores']:.2f} cores at {cpu_us:.0f} µs/req "
                 f"(projects {round_['projected_ratio']:.2f}×); wrk+stub+Redis {others_us:.0f} µs/req "
+                f"({_split(round_['others_each_us'])}) "
                 f"(ceiling {round_['ceiling_ratio']:.2f}×); others {100 * foreign:.0f}% of 2 cores"
             )
             if not best or total > best["rps"]:
@@ -309,6 +313,10 @@ def scaling(
         procs.stop(lb)
     procs.stop(gw_a)
     return out
+
+
+def _split(each: dict[str, float]) -> str:
+    return ", ".join(f"{name} {us:.0f}" for name, us in each.items())
 
 
 def _children_cpu() -> float:
@@ -504,7 +512,8 @@ def build_table(
             add(
                 f"{label}: 2 processes on 2 cores (one wrk each), req/s — gateways at "
                 f"{two['cpu_us']:.0f} µs/req project {two['projected_ratio']:.2f}×; wrk, stub and "
-                f"Redis at {two.get('others_us', 0):.0f} µs/req cap it at {two.get('ceiling_ratio', 0):.2f}×; "
+                f"Redis at {two.get('others_us', 0):.0f} µs/req ({_split(two.get('others_each_us', {}))}) "
+                f"cap it at {two.get('ceiling_ratio', 0):.2f}×; "
                 f"other processes took {100 * two['foreign_share']:.0f}% of the 2 cores",
                 "–",
                 "–",
@@ -673,8 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_status, _ = http_get(f"http://127.0.0.1:{gw_port}/metrics")
         info["metrics"] = "on" if metrics_status == 200 else f"absent ({metrics_status})"
         log("two gateway processes")
-        env_pids = [stub_p.pid, *stub_p.workers(), *([redis_p.pid] if redis_p else [])]
-        scale = scaling(s, procs, workdir, gw_config, {k: res["gateway"][k] for k in KINDS}, scripts, gw_p, env_pids)
+        env = {"stub": [stub_p.pid, *stub_p.workers()], **({"Redis": [redis_p.pid]} if redis_p else {})}
+        scale = scaling(s, procs, workdir, gw_config, {k: res["gateway"][k] for k in KINDS}, scripts, gw_p, env)
         prof = profile(s, workdir, out_dir, targets[2], scripts) if s.profile else {}
         if gw_p.popen.poll() is not None:
             raise RuntimeError(f"the gateway died:\n{gw_p.tail()}")

@@ -7,9 +7,9 @@ and reads ``INFO commandstats`` around a measured phase:
 
     python bench/lua_cost.py [--fill 20] [--fill-rate 450] [--count 3000] [--rate 150]
 
-First ``--fill`` seconds at ``--fill-rate`` fill the window (the rpm logs and
-the tpm buckets of the last 60 s; by default as many rpm entries as 150/s
-leaves in 60 s, and 21 of the 61 tpm buckets), then ``--count`` pairs are
+First ``--fill`` seconds at ``--fill-rate`` fill the window (the rpm and tpm
+buckets of the last 60 s; by default as many requests as 150/s leaves in 60 s,
+in 21 of the 61 buckets), then ``--count`` pairs are
 measured at ``--rate`` (0: full speed, which shows the most one Redis core
 does, but with hot caches: a paced call costs more), with the window as it
 then is (the sizes are printed). Reported:
@@ -166,7 +166,7 @@ if __name__ == "__main__":
     parser.add_argument("--fill", type=float, default=20.0, help="seconds at full speed before measuring (≤ 120)")
     parser.add_argument("--count", type=int, default=3000, help="reserve+settle pairs measured (≤ 100000)")
     parser.add_argument("--fill-rate", type=float, default=450.0,
-                        help="pairs/s while filling, 0 for full speed (450/s for 20 s: the 9,000 rpm entries "
+                        help="pairs/s while filling, 0 for full speed (450/s for 20 s: the 9,000 requests "
                              "of 150/s over 60 s)")
     parser.add_argument("--rate", type=float, default=150.0, help="pairs/s while measuring, 0 for full speed")
     parser.add_argument("--concurrency", type=int, default=16)

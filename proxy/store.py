@@ -6,11 +6,11 @@ charges them all, in one atomic step. The Redis store does it in one Lua call
 (``lua/reserve.lua``); ``MemoryQuotaStore`` here does the same in Python for a
 single replica. Both follow these rules, and one test suite runs against both:
 
-- ``rpm``: a log of admission times; room while fewer than ``limit`` lie in
-  the last 60 s. Exact: no 60-second span ever holds more than ``limit``.
-- ``tpm``: tokens in 1-second buckets; the last 61 buckets are summed, so
-  tokens count for 60 to 61 s. It never undercounts a 60-second span; it may
-  deny for up to 1 s longer than an exact window would.
+- ``rpm`` and ``tpm``: requests (one each) and tokens in 1-second buckets;
+  the last 61 buckets are summed, so a use counts for 60 to 61 s. No 60-second
+  span ever holds more than ``limit``; a check may deny for up to 1 s longer
+  than an exact log would. The state is 61 numbers whatever the rate (a log
+  held one entry per request: 240,000 for one key at 4,000 requests/s).
 - ``concurrency``: leases that expire by themselves after ``lease_ttl``.
 - ``day`` / ``month``: counters of UTC calendar windows.
 
@@ -33,7 +33,6 @@ large estimate (``max_tokens`` defaults) from being refused forever.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -48,7 +47,7 @@ KINDS: tuple[Kind, ...] = ("rpm", "tpm", "concurrency", "day", "month")
 
 WINDOW_MS = 60_000
 BUCKET_MS = 1_000
-BUCKETS = WINDOW_MS // BUCKET_MS  # tpm sums buckets b-BUCKETS..b, i.e. BUCKETS + 1 of them
+BUCKETS = WINDOW_MS // BUCKET_MS  # rpm and tpm sum buckets b-BUCKETS..b, i.e. BUCKETS + 1 of them
 DAY_MS = 86_400_000
 UNKNOWN_RETRY_MS = 1_000  # concurrency: nobody knows when a lease comes back
 AUDIT_MAX = 10_000
@@ -71,7 +70,7 @@ class Plan:
 class CheckState:
     used: int
     remaining: int
-    reset_ms: int  # until the oldest counted use leaves (rpm/tpm), or the window ends
+    reset_ms: int  # until the oldest counted bucket leaves (rpm/tpm), or the window ends
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,6 @@ class _Window:
 class _LeaseRecord:
     expires: int  # ms
     estimate: int = 0
-    at: int = 0  # when it was charged (its rpm entry)
     windows: tuple[int, ...] = ()
     released: bool = False  # a tombstone
 
@@ -164,7 +162,6 @@ class MemoryQuotaStore:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._logs: dict[str, list[int]] = {}
         self._buckets: dict[str, dict[int, int]] = {}
         self._leases: dict[str, dict[str, int]] = {}
         self._windows: dict[str, _Window] = {}
@@ -192,7 +189,7 @@ class MemoryQuotaStore:
             return Admission(False, denied, max(retry, 1), tuple(states), ())
         windows = tuple(self._charge(k, c, now, lease, estimate, lease_ttl_ms)
                         for k, c in zip(keys, plan.checks, strict=True))
-        self._records[record] = _LeaseRecord(now + lease_ttl_ms, estimate, now, windows)
+        self._records[record] = _LeaseRecord(now + lease_ttl_ms, estimate, windows)
         after = tuple(self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True))
         return Admission(True, -1, 0, after, windows)
 
@@ -228,16 +225,11 @@ class MemoryQuotaStore:
         return undone
 
     def _undo(self, key: str, check: Check, lease: str, window: int, record: _LeaseRecord) -> None:
-        if check.kind == "rpm":
-            log = self._logs.get(key, [])
-            at = bisect.bisect_left(log, record.at)
-            if at < len(log) and log[at] == record.at:
-                del log[at]
-        elif check.kind == "concurrency":
+        if check.kind == "concurrency":
             self._leases.get(key, {}).pop(lease, None)
-        elif check.kind == "tpm":
+        elif check.kind in ("rpm", "tpm"):
             buckets = self._buckets.get(key, {})
-            left = buckets.pop(window, 0) - record.estimate
+            left = buckets.pop(window, 0) - _amount(check.kind, record.estimate)
             if left > 0:
                 buckets[window] = left
         else:
@@ -272,12 +264,7 @@ class MemoryQuotaStore:
 
     def _state(self, key: str, check: Check, now: int) -> CheckState:
         kind, limit = check.kind, check.limit
-        if kind == "rpm":
-            log = self._logs.setdefault(key, [])
-            del log[:bisect.bisect_right(log, now - WINDOW_MS)]
-            reset = log[0] + WINDOW_MS - now if log else 0
-            return _state(len(log), limit, reset)
-        if kind == "tpm":
+        if kind in ("rpm", "tpm"):
             counted = self._counted_buckets(key, now)
             oldest = next((b for b, n in counted if n > 0), None)
             reset = (oldest + BUCKETS + 1) * BUCKET_MS - now if oldest is not None else 0
@@ -299,11 +286,7 @@ class MemoryQuotaStore:
         return sorted(buckets.items())
 
     def _retry(self, key: str, check: Check, state: CheckState, now: int) -> int:
-        if check.kind == "rpm":
-            log = self._logs[key]
-            excess = len(log) - check.limit
-            return log[excess] + WINDOW_MS - now if 0 <= excess < len(log) else WINDOW_MS
-        if check.kind == "tpm":
+        if check.kind in ("rpm", "tpm"):
             left = state.used
             for bucket, tokens in self._counted_buckets(key, now):
                 left -= tokens
@@ -315,13 +298,12 @@ class MemoryQuotaStore:
         return state.reset_ms
 
     def _charge(self, key: str, check: Check, now: int, lease: str, estimate: int, ttl_ms: int) -> int:
-        if check.kind == "rpm":
-            bisect.insort(self._logs[key], now)
-            return 0
-        if check.kind == "tpm":
+        if check.kind in ("rpm", "tpm"):
             bucket = now // BUCKET_MS
-            buckets = self._buckets[key]
-            buckets[bucket] = buckets.get(bucket, 0) + estimate
+            amount = _amount(check.kind, estimate)
+            if amount:  # no bucket at 0
+                buckets = self._buckets[key]
+                buckets[bucket] = buckets.get(bucket, 0) + amount
             return bucket
         if check.kind == "concurrency":
             self._leases[key][lease] = now + ttl_ms
@@ -332,6 +314,11 @@ class MemoryQuotaStore:
             counter = self._windows[key] = _Window(index, 0)
         counter.used += estimate
         return index
+
+
+def _amount(kind: Kind, estimate: int) -> int:
+    """What a reservation charges an rpm or tpm check: one request, or its estimate in tokens."""
+    return 1 if kind == "rpm" else estimate
 
 
 def _key(plan: Plan, check: Check) -> str:

@@ -36,7 +36,7 @@ from redis.commands.core import AsyncScript
 
 from .errors import ServiceUnavailableError
 from .redis_pipe import RedisPipe, Script
-from .store import AUDIT_MAX, Admission, CheckState, Plan, Record, lease_seen
+from .store import AUDIT_MAX, Admission, CheckState, Kind, Plan, Record, lease_seen
 
 Client = Redis | RedisCluster
 T = TypeVar("T")
@@ -139,9 +139,16 @@ def _lua(name: str) -> str:
     return resources.files("proxy").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+# Each kind's counter, by key suffix. rpm is "req": a hash of 1-second buckets like tpm's; "rpm"
+# was a sorted set (one member per request), which a replica of an earlier release may still
+# write during a rolling upgrade, so the new layout must not share its key (docs/quotas.md).
+_SUFFIX: dict[Kind, str] = {"rpm": "req", "tpm": "tpm", "concurrency": "concurrency", "day": "day",
+                            "month": "month"}
+
+
 def _keys(plan: Plan) -> list[str]:
     # The hash tag puts every counter of one request (its key's and its team's) in one slot.
-    return [f"{PREFIX}{{{plan.shard}}}:{c.subject}:{c.kind}" for c in plan.checks]
+    return [f"{PREFIX}{{{plan.shard}}}:{c.subject}:{_SUFFIX[c.kind]}" for c in plan.checks]
 
 
 def _lease_key(plan: Plan, lease: str) -> str:

@@ -146,7 +146,8 @@ async def test_rpm_denial_names_the_limit_with_retry_after(make_service: MakeSer
     exc = err.value
     assert exc.status == 429 and exc.type == "requests" and exc.code == "rate_limit_exceeded"
     assert "key 'a'" in exc.message and "(RPM)" in exc.message and "Limit 2" in exc.message
-    assert 58 <= int(header(exc.headers, "retry-after") or 0) <= 60
+    # until the first request's 1-second bucket leaves the window: 60 to 61 s
+    assert 59 <= int(header(exc.headers, "retry-after") or 0) <= 61
     assert header(exc.headers, "x-ratelimit-remaining-requests") == "0"
 
 
@@ -312,21 +313,22 @@ def clocked(at: float) -> tuple[QuotaService, Clock]:
     return QuotaService(MemoryQuotaStore(clock), QuotasConfig(lease_ttl=30)), clock
 
 
-async def test_rpm_is_exact_over_any_60_seconds() -> None:
-    service, clock = clocked(1_000_000.0)
+async def test_rpm_never_lets_a_60_second_span_hold_more_than_the_limit() -> None:
+    service, clock = clocked(1_000_000.5)
     p = policy(rpm=3)
     for offset in (0.0, 10.0, 20.0):
-        clock.now = 1_000_000.0 + offset
+        clock.now = 1_000_000.5 + offset
         await service.reserve(p, 1)
-    clock.now = 1_000_059.999
+    clock.now = 1_000_060.4  # 59.9 s after the first: it still counts
     with pytest.raises(RateLimitError) as err:
         await service.reserve(p, 1)
-    assert header(err.value.headers, "retry-after-ms") == "1"
-    clock.now = 1_000_060.0
+    assert header(err.value.headers, "retry-after-ms") == "600"  # when its bucket [..00, ..01) leaves
+    clock.now = 1_000_061.0
     await service.reserve(p, 1)  # the first left the window
     with pytest.raises(RateLimitError) as err:
         await service.reserve(p, 1)
     assert header(err.value.headers, "retry-after") == "10"
+    assert header(err.value.headers, "x-ratelimit-reset-requests") == "10s"
 
 
 async def test_tpm_counts_tokens_for_60_to_61_seconds() -> None:

@@ -189,7 +189,7 @@ def test_exactly_rpm_requests_succeed(env: Env) -> None:
         assert_rate_headers(answer)
         assert answer.headers["x-ratelimit-limit-requests"] == "10"
     for answer in denied:
-        assert 1 <= int(answer.headers["retry-after"]) <= 60
+        assert 1 <= int(answer.headers["retry-after"]) <= 61  # a request counts for 60 to 61 s
         assert answer.headers["x-ratelimit-remaining-requests"] == "0"
         error = answer.json()["error"]
         assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"

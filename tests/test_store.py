@@ -173,9 +173,9 @@ async def test_the_lua_lease_record_shares_the_hash_tag_and_expires(redis_server
         await store.close()
 
 
-# --- the tpm hash's running total (reserve.lua): exact, whatever the order of charges and refunds
+# --- the bucket hashes' running totals (reserve.lua): exact, whatever the order of charges and refunds
 
-TOTAL, OLDEST = "-1", "-2"  # the fields reserve.lua keeps besides the buckets
+TOTAL, OLDEST = "-1", "-2"  # the fields reserve.lua keeps besides the buckets (rpm and tpm)
 
 
 async def tpm_fields(client: aioredis.Redis, key: str) -> dict[int, int]:
@@ -190,15 +190,15 @@ def check_total(fields: dict[int, int]) -> None:
         assert fields[int(OLDEST)] == min(buckets), fields
 
 
-async def test_the_tpm_total_follows_every_charge_refund_and_release(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_the_totals_follow_every_charge_refund_and_release(redis_server: RedisServer) -> None:  # noqa: F811
     store = RedisQuotaStore.from_url(redis_server.url, 1.0)
     client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:s", name="s", team=None, models=None, limits=Limits(tpm=10**9)))
+    p = plan_for(KeyPolicy(id="static:s", name="s", team=None, models=None, limits=Limits(rpm=10**9, tpm=10**9)))
     assert p is not None
-    key = f"{PREFIX}{{{p.shard}}}:k:static:s:tpm"
+    requests_key, tokens_key = (f"{PREFIX}{{{p.shard}}}:k:static:s:{kind}" for kind in ("req", "tpm"))
     rng = random.Random(7)
     open_leases: dict[str, tuple[int, tuple[int, ...]]] = {}
-    expected = 0
+    requests = tokens = 0
     try:
         for i in range(300):  # over about 3 s, so across bucket boundaries
             await asyncio.sleep(0.01)
@@ -207,21 +207,25 @@ async def test_the_tpm_total_follows_every_charge_refund_and_release(redis_serve
                 estimate = rng.choice([0, 1, 5, 40])
                 admission = await store.reserve(p, f"l{i}", estimate, TTL_MS)
                 open_leases[f"l{i}"] = (estimate, admission.windows)
-                expected += estimate
+                requests, tokens = requests + 1, tokens + estimate
             else:
                 lease = rng.choice(sorted(open_leases))
                 estimate, windows = open_leases.pop(lease)
                 if action < 0.85:
                     delta = rng.choice([-estimate, -1, 0, 3]) if estimate else rng.choice([0, 3])
                     await store.settle(p, lease, windows, delta)
-                    expected += delta
+                    tokens += delta
                 else:
                     assert await store.release(p, lease, TTL_MS)
-                    expected -= estimate
-            check_total(await tpm_fields(client, key))
+                    requests, tokens = requests - 1, tokens - estimate
+            for key in (requests_key, tokens_key):
+                fields = await tpm_fields(client, key)
+                check_total(fields)
+                assert len(fields) <= 2 + 5  # a bucket a second (3 s), TOTAL and OLDEST: not one per request
+                assert not fields or await client.pttl(key) > 0  # never left without a TTL
             if i % 25 == 0:
-                assert (await store.usage(p))[0].used == expected
-        assert (await store.usage(p))[0].used == expected  # all within a few seconds: nothing expired
+                assert [s.used for s in await store.usage(p)] == [requests, tokens]
+        assert [s.used for s in await store.usage(p)] == [requests, tokens]  # nothing expired in 3 s
     finally:
         await client.aclose()
         await store.close()
@@ -302,6 +306,10 @@ async def test_settle_and_release_into_old_or_gone_buckets_keep_the_total(
         check_total(await tpm_fields(client, key))
         state = (await store.reserve(p, "after", 1, TTL_MS)).states[0]
         assert state.used == 102 and 49_000 < state.reset_ms <= 51_000
+        # Usage that comes after its counter expired altogether brings the counter back, with a TTL.
+        await client.delete(key)
+        await store.settle(p, "after", (second - 5,), 3)
+        assert (await store.usage(p))[0].used == 3 and 0 < await client.pttl(key) <= 62_000
     finally:
         await client.aclose()
         await store.close()

@@ -19,17 +19,18 @@ if estimate then
   for i = 1, n do
     local key, kind = KEYS[i], ARGV[2 + i]
     local window = tonumber(redis.call('HGET', record, i))
-    if kind == 'rpm' or kind == 'concurrency' then
+    local take = kind == 'rpm' and 1 or estimate
+    if kind == 'concurrency' then
       redis.call('ZREM', key, lease)
-    elseif kind == 'tpm' and estimate > 0 then  -- reserve charged no bucket for an estimate of 0
+    elseif (kind == 'rpm' or kind == 'tpm') and take > 0 then  -- reserve charged no bucket for 0
       -- As settle.lua's add(): TOTAL follows what the bucket really lost (nothing, if it
       -- expired meanwhile), and a bucket that goes may have been the oldest.
-      local r = redis.call('HINCRBY', key, window, -estimate)
-      local change = -estimate
+      local r = redis.call('HINCRBY', key, window, -take)
+      local change = -take
       if r <= 0 then
         redis.call('HDEL', key, window)
         redis.call('HDEL', key, OLDEST)
-        change = -estimate - r
+        change = -take - r
       end
       if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
     elseif tonumber(redis.call('HGET', key, 'w')) == window then  -- day, month: still that window

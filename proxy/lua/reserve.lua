@@ -121,63 +121,48 @@ local function rebuild(key)
   return total, first
 end
 
--- What state() read of each tpm hash, for charge(): {total, oldest}
-local tpm_read = {}
+local current = math.floor(now / BUCKET)
+
+-- What state() read of each bucket hash, for charge(): {total, oldest, current bucket}
+local read = {}
+
+-- used, reset_ms, retry_ms (if it had no room) of one rpm or tpm check
+local function window_state(key, limit)
+  local stored = redis.call('HMGET', key, TOTAL, OLDEST, current)
+  local used, oldest = tonumber(stored[1]), tonumber(stored[2])
+  if used == nil or oldest == nil or oldest < current - BUCKETS then
+    if writing then
+      used, oldest = rebuild(key)  -- it keeps the current bucket: never expired, never 0
+    else
+      -- peek writes nothing: sum what is still counted
+      used, oldest = 0, nil
+      for _, e in ipairs(counted(key)) do
+        used = used + e[2]
+        if oldest == nil and e[2] > 0 then oldest = e[1] end
+      end
+    end
+  end
+  read[key] = {used, oldest, tonumber(stored[3]) or 0}
+  local reset = oldest and (oldest + BUCKETS + 1) * BUCKET - now or 0
+  local retry = WINDOW
+  if used >= limit then
+    -- The bucket whose leaving brings the sum below the limit (rare: a denial).
+    local left = used
+    for _, e in ipairs(counted(key)) do
+      left = left - e[2]
+      if left < limit then
+        retry = (e[1] + BUCKETS + 1) * BUCKET - now
+        break
+      end
+    end
+  end
+  return used, reset, retry
+end
 
 -- used, reset_ms, retry_ms (if it had no room) of one check
 local function state(key, kind, limit)
-  if kind == 'rpm' then
-    local used, first
-    if writing then
-      -- Once entries that left the window are removed, the rest are all counted.
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - WINDOW)
-      used = redis.call('ZCARD', key)
-      first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    else
-      local low = '(' .. (now - WINDOW)
-      used = redis.call('ZCOUNT', key, low, '+inf')
-      first = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    end
-    local reset = first[2] and tonumber(first[2]) + WINDOW - now or 0
-    local retry = WINDOW
-    if used >= limit and used - limit < used then
-      -- The entry whose leaving brings the count below the limit (rare: a denial).
-      local e = redis.call('ZRANGEBYSCORE', key, '(' .. (now - WINDOW), '+inf', 'WITHSCORES',
-        'LIMIT', used - limit, 1)
-      retry = tonumber(e[2]) + WINDOW - now
-    end
-    return used, reset, retry
-  elseif kind == 'tpm' then
-    local cutoff = math.floor(now / BUCKET) - BUCKETS
-    local stored = redis.call('HMGET', key, TOTAL, OLDEST)
-    local used, oldest = tonumber(stored[1]), tonumber(stored[2])
-    if used == nil or oldest == nil or oldest < cutoff then
-      if writing then
-        used, oldest = rebuild(key)
-      else
-        -- peek writes nothing: sum what is still counted
-        used, oldest = 0, nil
-        for _, e in ipairs(counted(key)) do
-          used = used + e[2]
-          if oldest == nil and e[2] > 0 then oldest = e[1] end
-        end
-      end
-    end
-    tpm_read[key] = {used, oldest}
-    local reset = oldest and (oldest + BUCKETS + 1) * BUCKET - now or 0
-    local retry = WINDOW
-    if used >= limit then
-      -- The bucket whose leaving brings the sum below the limit (rare: a denial).
-      local left = used
-      for _, e in ipairs(counted(key)) do
-        left = left - e[2]
-        if left < limit then
-          retry = (e[1] + BUCKETS + 1) * BUCKET - now
-          break
-        end
-      end
-    end
-    return used, reset, retry
+  if kind == 'rpm' or kind == 'tpm' then
+    return window_state(key, limit)
   elseif kind == 'concurrency' then
     if writing then redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
     return redis.call('ZCOUNT', key, '(' .. now, '+inf'), 0, UNKNOWN_RETRY
@@ -188,22 +173,28 @@ local function state(key, kind, limit)
   return used, ends - now, ends - now
 end
 
--- charge one check; returns where the estimate went (for settle)
+-- How much a check charges: one request, or the estimate in tokens
+local function amount(kind)
+  if kind == 'rpm' or kind == 'concurrency' then return 1 end
+  return estimate
+end
+
+-- charge one check; returns where the charge went (for settle and release)
 local function charge(key, kind)
-  if kind == 'rpm' then
-    redis.call('ZADD', key, now, lease)
-    redis.call('PEXPIRE', key, WINDOW + BUCKET)
-    return 0
-  elseif kind == 'tpm' then
-    local bucket = math.floor(now / BUCKET)
-    if estimate > 0 then  -- no bucket field at 0 (see TOTAL)
-      local read = tpm_read[key]
-      redis.call('HINCRBY', key, bucket, estimate)
+  if kind == 'rpm' or kind == 'tpm' then
+    local add = amount(kind)
+    if add > 0 then  -- no bucket field at 0 (see TOTAL)
       -- state() left TOTAL exact and OLDEST counted; this bucket is the newest
-      redis.call('HSET', key, TOTAL, read[1] + estimate, OLDEST, read[2] or bucket)
-      redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET)
+      local r = read[key]
+      if r[2] then
+        redis.call('HSET', key, current, r[3] + add, TOTAL, r[1] + add)
+      else
+        redis.call('HSET', key, current, r[3] + add, TOTAL, r[1] + add, OLDEST, current)
+      end
+      -- The key lives while its newest bucket counts: set once, when that bucket appears.
+      if r[3] == 0 then redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET) end
     end
-    return bucket
+    return current
   elseif kind == 'concurrency' then
     redis.call('ZADD', key, now + ttl, lease)
     redis.call('PEXPIRE', key, ttl)
@@ -250,13 +241,10 @@ for i = 1, n do
   local window = charge(KEYS[i], kind)
   fields[#fields + 1] = i
   fields[#fields + 1] = window
-  local u, r = used[i], reset[i]
-  if kind == 'rpm' or kind == 'concurrency' then
-    u = u + 1
-    if kind == 'rpm' and r == 0 then r = WINDOW end
-  else
-    u = u + estimate
-    if kind == 'tpm' and r == 0 and estimate > 0 then r = (window + BUCKETS + 1) * BUCKET - now end
+  local add = amount(kind)
+  local u, r = used[i] + add, reset[i]
+  if (kind == 'rpm' or kind == 'tpm') and r == 0 and add > 0 then
+    r = (window + BUCKETS + 1) * BUCKET - now
   end
   out[#out + 1] = u
   out[#out + 1] = math.max(limit - u, 0)

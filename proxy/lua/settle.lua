@@ -23,6 +23,8 @@ local function add(key, bucket, delta, current)
   end
   if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
   if r <= 0 or (r == delta and bucket ~= current) then redis.call('HDEL', key, OLDEST) end
+  -- A bucket that appeared may have brought the key back too: it lives while that bucket counts.
+  if r == delta and r > 0 then redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET) end
 end
 
 local t = redis.call('TIME')
@@ -43,10 +45,7 @@ for i = 1, n do
       -- A late positive correction still counts, now; a late refund has nothing left to refund.
       target = current
     end
-    if target then
-      add(key, target, delta, current)
-      redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET)
-    end
+    if target then add(key, target, delta, current) end
   elseif (kind == 'day' or kind == 'month') and delta ~= 0 then
     if tonumber(redis.call('HGET', key, 'w')) == window then
       if redis.call('HINCRBY', key, 'n', delta) < 0 then redis.call('HSET', key, 'n', 0) end
