@@ -141,7 +141,8 @@ def _lua(name: str) -> str:
 
 # Each kind's counter, by key suffix. rpm is "req": a hash of 1-second buckets like tpm's; "rpm"
 # was a sorted set (one member per request), which a replica of an earlier release may still
-# write during a rolling upgrade, so the new layout must not share its key (docs/quotas.md).
+# write during a rolling upgrade or after a rollback, so the new layout must not share its key
+# (docs/kubernetes.md, "Upgrade").
 _SUFFIX: dict[Kind, str] = {"rpm": "req", "tpm": "tpm", "concurrency": "concurrency", "day": "day",
                             "month": "month"}
 

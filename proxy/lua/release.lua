@@ -9,7 +9,7 @@
 -- ARGV     lease id, tombstone ttl (ms), then kind_i for each check
 -- Returns  1 if it undid a reservation, 0 if there was none to undo
 
-local TOTAL, OLDEST = '-1', '-2'  -- of a tpm hash: see reserve.lua
+local TOTAL, OLDEST = '-1', '-2'  -- of an rpm or tpm bucket hash: see reserve.lua
 local lease, ttl = ARGV[1], tonumber(ARGV[2])
 local n = #ARGV - 2
 local record = KEYS[n + 1]

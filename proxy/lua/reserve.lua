@@ -66,20 +66,22 @@ local function calendar(kind)
   return index, first_day(ny, nm) * DAY
 end
 
--- A tpm hash holds one field per 1-second bucket (its index => tokens) and two more:
+-- A bucket hash (of an rpm or a tpm check) holds one field per 1-second bucket (its index =>
+-- requests or tokens) and two more:
 -- TOTAL, the sum of every bucket field, and OLDEST, the oldest bucket field's index.
 -- Every script that changes a bucket keeps TOTAL exact; no bucket field is kept at 0
 -- (a bucket brought to 0 is deleted, an estimate of 0 adds none), so OLDEST is also the
 -- oldest non-empty bucket, whose expiry is the reset header. A script that adds or
 -- deletes a bucket field other than the current second's deletes OLDEST instead of
 -- finding the new one; the next reserve then rebuilds both from the buckets (below).
--- So while OLDEST is still counted, a check reads two fields, not every bucket.
+-- So while OLDEST is still counted, a check reads three fields (with the current bucket),
+-- not every bucket.
 -- The names are numbers below any bucket index: a script of the previous layout, which
 -- reads every field as a bucket, takes them for expired buckets and deletes them
 -- (without failing), and the next reserve here rebuilds them.
 local TOTAL, OLDEST = '-1', '-2'
 
--- Buckets of a tpm hash still counted, oldest first (for a denial's retry_ms, or the
+-- Buckets of a bucket hash still counted, oldest first (for a denial's retry_ms, or the
 -- admin API's peek past an expired bucket).
 local function counted(key)
   local oldest = math.floor(now / BUCKET) - BUCKETS
