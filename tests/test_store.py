@@ -260,6 +260,30 @@ async def test_expired_buckets_leave_the_total_and_the_reset(redis_server: Redis
         await store.close()
 
 
+async def test_a_step_back_of_redis_clock_keeps_the_oldest_bucket_right(redis_server: RedisServer) -> None:  # noqa: F811
+    # After a failover to a Redis whose clock is behind, the current bucket is older than
+    # buckets already counted: it becomes the oldest, and the reset follows it.
+    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
+    client = aioredis.Redis.from_url(redis_server.url)
+    p = plan_for(KeyPolicy(id="static:b", name="b", team=None, models=None, limits=Limits(rpm=100, tpm=1000)))
+    assert p is not None
+    keys = [f"{PREFIX}{{{p.shard}}}:k:static:b:{kind}" for kind in ("req", "tpm")]
+    try:
+        ahead = int(time.time()) + 5
+        for key in keys:
+            await client.hset(key, mapping={ahead: 3, TOTAL: 3, OLDEST: ahead})
+        admission = await store.reserve(p, "behind", 10, TTL_MS)
+        assert [s.used for s in admission.states] == [4, 13]
+        for key in keys:
+            fields = await tpm_fields(client, key)
+            check_total(fields)
+            assert fields[int(OLDEST)] == admission.windows[0] < ahead
+        assert all(59_000 < s.reset_ms <= 61_000 for s in admission.states)
+    finally:
+        await client.aclose()
+        await store.close()
+
+
 async def test_a_tpm_denial_retries_when_enough_buckets_leave(redis_server: RedisServer) -> None:  # noqa: F811
     store = RedisQuotaStore.from_url(redis_server.url, 1.0)
     client = aioredis.Redis.from_url(redis_server.url)

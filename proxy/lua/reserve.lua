@@ -186,11 +186,11 @@ local function charge(key, kind)
   if kind == 'rpm' or kind == 'tpm' then
     local add = amount(kind)
     if add > 0 then  -- no bucket field at 0 (see TOTAL)
-      -- state() left TOTAL exact and OLDEST counted; this bucket is the newest
+      -- state() left TOTAL exact and OLDEST counted
       local r = read[key]
-      if r[2] then
+      if r[2] and r[2] <= current then
         redis.call('HSET', key, current, r[3] + add, TOTAL, r[1] + add)
-      else
+      else  -- no bucket yet, or Redis's clock stepped back (a failover) past the oldest one
         redis.call('HSET', key, current, r[3] + add, TOTAL, r[1] + add, OLDEST, current)
       end
       -- The key lives while its newest bucket counts: set once, when that bucket appears.
@@ -245,8 +245,10 @@ for i = 1, n do
   fields[#fields + 1] = window
   local add = amount(kind)
   local u, r = used[i] + add, reset[i]
-  if (kind == 'rpm' or kind == 'tpm') and r == 0 and add > 0 then
-    r = (window + BUCKETS + 1) * BUCKET - now
+  if (kind == 'rpm' or kind == 'tpm') and add > 0 then
+    -- This bucket is the newest, unless Redis's clock stepped back: then it is the oldest.
+    local expiry = (window + BUCKETS + 1) * BUCKET - now
+    if r == 0 or expiry < r then r = expiry end
   end
   out[#out + 1] = u
   out[#out + 1] = math.max(limit - u, 0)

@@ -12,9 +12,10 @@ local BUCKET, BUCKETS = 1000, 60
 local TOTAL, OLDEST = '-1', '-2'  -- of a tpm hash: see reserve.lua
 
 -- Add delta to one bucket of a tpm hash, keeping TOTAL exact and no bucket at 0 or below.
--- A bucket field that appears (other than the current second's, which cannot be older
--- than any other) or goes may change the oldest: forget OLDEST, the next reserve rebuilds it.
-local function add(key, bucket, delta, current)
+-- A bucket field that appears or goes may change the oldest: forget OLDEST, the next
+-- reserve rebuilds it (rare: a bucket appears only for a late correction, or one that an
+-- earlier refund had emptied).
+local function add(key, bucket, delta)
   local r = redis.call('HINCRBY', key, bucket, delta)
   local change = delta
   if r <= 0 then
@@ -22,7 +23,7 @@ local function add(key, bucket, delta, current)
     change = delta - r  -- it went to 0 from r - delta, not to r
   end
   if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
-  if r <= 0 or (r == delta and bucket ~= current) then redis.call('HDEL', key, OLDEST) end
+  if r <= 0 or r == delta then redis.call('HDEL', key, OLDEST) end
   -- A bucket that appeared may have brought the key back too: it lives while that bucket counts.
   if r == delta and r > 0 then redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET) end
 end
@@ -45,7 +46,7 @@ for i = 1, n do
       -- A late positive correction still counts, now; a late refund has nothing left to refund.
       target = current
     end
-    if target then add(key, target, delta, current) end
+    if target then add(key, target, delta) end
   elseif (kind == 'day' or kind == 'month') and delta ~= 0 then
     if tonumber(redis.call('HGET', key, 'w')) == window then
       if redis.call('HINCRBY', key, 'n', delta) < 0 then redis.call('HSET', key, 'n', 0) end
