@@ -1,0 +1,147 @@
+"""The Lua scripts and ``MemoryQuotaStore`` follow the same rules: random operations, one clock.
+
+Redis's clock cannot be moved, so here the scripts read the time from a hash
+that the test sets (the one line that calls ``TIME`` is swapped), and Redis's
+expiry is played by the test: it records each TTL a script set and deletes
+the key once the test's clock passes it. After every operation both stores
+must answer alike, and every bucket hash must keep its invariants: the total
+is the sum of its buckets, no bucket at 0, the oldest is the oldest, every key
+has a TTL, and no key expires while a bucket in it still counts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy import store_redis
+from proxy.config import Limits
+from proxy.keys import KeyPolicy
+from proxy.quotas import plan_for
+from proxy.store import MemoryQuotaStore, Plan
+from proxy.store_redis import PREFIX, RedisQuotaStore
+from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+CLOCK_KEY = "test:clock"
+REAL_TIME = "local t = redis.call('TIME')"
+FAKE_TIME = f"local t = redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"
+HELD = 10**9  # ms: every TTL, once recorded, so that only the test's clock expires keys
+TTL_MS = 30_000
+TOTAL, OLDEST = -1, -2
+
+
+@dataclass
+class Clocked:
+    """Both stores on the test's clock (ms), and the expiries Redis was asked for."""
+
+    client: aioredis.Redis
+    redis: RedisQuotaStore
+    memory: MemoryQuotaStore
+    now: list[int]
+    expires: dict[str, int] = field(default_factory=dict)
+
+    async def advance(self, ms: int) -> None:
+        self.now[0] += ms
+        for key, at in list(self.expires.items()):
+            if at <= self.now[0]:
+                await self.client.delete(key)
+                del self.expires[key]
+        now = self.now[0]
+        await self.client.hset(CLOCK_KEY, mapping={"s": now // 1000, "us": now % 1000 * 1000})
+
+    async def check_keys(self, what: str) -> None:
+        current = self.now[0] // 1000
+        for raw in await self.client.keys(f"{PREFIX}*"):
+            key = raw.decode()
+            ttl = await self.client.pttl(key)
+            assert ttl != -1, f"{what}: {key} has no TTL"
+            if ttl < HELD // 2:  # set by this operation
+                self.expires[key] = self.now[0] + ttl
+            if key.endswith((":req", ":tpm")):
+                fields = {int(k): int(v) for k, v in (await self.client.hgetall(key)).items()}
+                buckets = {b: v for b, v in fields.items() if b >= 0}
+                assert all(v > 0 for v in buckets.values()), f"{what}: {fields}"
+                assert fields.get(TOTAL, 0) == sum(buckets.values()), f"{what}: {fields}"
+                if OLDEST in fields:
+                    assert fields[OLDEST] == min(buckets), f"{what}: {fields}"
+                counted = [b for b in buckets if b >= current - 60]
+                if counted:
+                    assert self.expires[key] >= (max(counted) + 61) * 1000, f"{what}: {key} expires early"
+            await self.client.pexpire(key, HELD)
+        for key in [k for k in self.expires if not await self.client.exists(k)]:
+            del self.expires[key]
+
+
+@pytest.fixture
+async def clocked(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Clocked]:  # noqa: F811
+    real = store_redis._lua
+
+    def on_test_clock(name: str) -> str:
+        text = real(name)
+        # The one place a script reads the time (release.lua needs none).
+        assert (REAL_TIME in text) == (name != "release.lua"), name
+        return text.replace(REAL_TIME, FAKE_TIME)
+
+    monkeypatch.setattr(store_redis, "_lua", on_test_clock)
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    now = [1_800_000_000_000]
+    made = Clocked(client, RedisQuotaStore.from_url(redis_server.url, 5.0),
+                   MemoryQuotaStore(lambda: (now[0] + 0.5) / 1000), now)
+    await made.advance(0)
+    yield made
+    await made.redis.close()
+    await client.aclose()
+
+
+def random_plan(rng: random.Random) -> Plan:
+    key = Limits(rpm=rng.choice([3, 8, 60]), tpm=rng.choice([30, 100, 400]), concurrency=rng.choice([5, 100]))
+    team = Limits(rpm=rng.choice([5, 12, 1000]), tpm=rng.choice([50, 200]))
+    made = plan_for(KeyPolicy(id="static:s", name="s", team="t", models=None, limits=key, team_limits=team))
+    assert made is not None
+    return made
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_redis_and_memory_stores_agree_and_keep_their_invariants(clocked: Clocked, seed: int) -> None:
+    rng = random.Random(seed)
+    plan = random_plan(rng)
+    open_leases: dict[str, tuple[int, ...]] = {}
+    every_lease: list[str] = []
+    outcomes: set[str] = set()
+    for i in range(300):
+        await clocked.advance(rng.randint(20_000, 70_000) if rng.random() < 0.05
+                              else rng.choice([0, 0, 1, 7, 100, 400, 999, 1000, 1500]))
+        action = rng.random()
+        if action < 0.45:
+            lease, estimate = f"l{i}", rng.choice([0, 1, 5, 40])
+            got = await clocked.redis.reserve(plan, lease, estimate, TTL_MS)
+            assert got == await clocked.memory.reserve(plan, lease, estimate, TTL_MS), f"#{i} reserve"
+            if got.admitted:
+                open_leases[lease] = got.windows
+                every_lease.append(lease)
+            outcomes.add("admitted" if got.admitted else plan.checks[got.denied].kind)
+            what = f"#{i} reserve {lease} {estimate}"
+        elif action < 0.7 and open_leases:
+            lease = rng.choice(sorted(open_leases))
+            windows, delta = open_leases.pop(lease), rng.choice([-40, -5, -1, 0, 3, 20])
+            await clocked.redis.settle(plan, lease, windows, delta)
+            await clocked.memory.settle(plan, lease, windows, delta)
+            what = f"#{i} settle {lease} {delta}"
+        elif action < 0.85 and every_lease:
+            lease = rng.choice(every_lease)
+            undone = await clocked.redis.release(plan, lease, TTL_MS)
+            assert undone == await clocked.memory.release(plan, lease, TTL_MS), f"#{i} release"
+            if undone:
+                open_leases.pop(lease, None)
+            what = f"#{i} release {lease}"
+        else:
+            what = f"#{i} usage"
+        assert await clocked.redis.usage(plan) == await clocked.memory.usage(plan), what
+        await clocked.check_keys(what)
+    assert "admitted" in outcomes and len(outcomes) > 1  # it saw admissions and denials
