@@ -25,6 +25,7 @@ from proxy.quotas import plan_for
 from proxy.store import MemoryQuotaStore, Plan
 from proxy.store_redis import PREFIX, RedisQuotaStore
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
+from tests.test_store import check_total, tpm_fields
 
 pytestmark = pytest.mark.timeout(120)
 CLOCK_KEY = "test:clock"
@@ -32,7 +33,6 @@ REAL_TIME = "local t = redis.call('TIME')"
 FAKE_TIME = f"local t = redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"
 HELD = 10**9  # ms: every TTL, once recorded, so that only the test's clock expires keys
 TTL_MS = 30_000
-TOTAL, OLDEST = -1, -2
 
 
 @dataclass
@@ -63,13 +63,9 @@ class Clocked:
             if ttl < HELD // 2:  # set by this operation
                 self.expires[key] = self.now[0] + ttl
             if key.endswith((":req", ":tpm")):
-                fields = {int(k): int(v) for k, v in (await self.client.hgetall(key)).items()}
-                buckets = {b: v for b, v in fields.items() if b >= 0}
-                assert all(v > 0 for v in buckets.values()), f"{what}: {fields}"
-                assert fields.get(TOTAL, 0) == sum(buckets.values()), f"{what}: {fields}"
-                if OLDEST in fields:
-                    assert fields[OLDEST] == min(buckets), f"{what}: {fields}"
-                counted = [b for b in buckets if b >= current - 60]
+                fields = await tpm_fields(self.client, key)
+                check_total(fields)
+                counted = [b for b in fields if b >= current - 60]  # not TOTAL or OLDEST (below 0)
                 if counted:
                     assert self.expires[key] >= (max(counted) + 61) * 1000, f"{what}: {key} expires early"
             await self.client.pexpire(key, HELD)

@@ -181,10 +181,9 @@ local function amount(kind)
   return estimate
 end
 
--- charge one check; returns where the charge went (for settle and release)
-local function charge(key, kind)
+-- charge one check its amount(); returns where the charge went (for settle and release)
+local function charge(key, kind, add)
   if kind == 'rpm' or kind == 'tpm' then
-    local add = amount(kind)
     if add > 0 then  -- no bucket field at 0 (see TOTAL)
       -- state() left TOTAL exact and OLDEST counted
       local r = read[key]
@@ -204,9 +203,9 @@ local function charge(key, kind)
   end
   local index, ends = calendar(kind)
   if tonumber(redis.call('HGET', key, 'w')) == index then
-    redis.call('HINCRBY', key, 'n', estimate)
+    redis.call('HINCRBY', key, 'n', add)
   else
-    redis.call('HSET', key, 'w', index, 'n', estimate)
+    redis.call('HSET', key, 'w', index, 'n', add)
   end
   redis.call('PEXPIREAT', key, ends)
   return index
@@ -240,10 +239,10 @@ out[1] = 1
 local fields = {'e', estimate}
 for i = 1, n do
   local kind, limit = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
-  local window = charge(KEYS[i], kind)
+  local add = amount(kind)
+  local window = charge(KEYS[i], kind, add)
   fields[#fields + 1] = i
   fields[#fields + 1] = window
-  local add = amount(kind)
   local u, r = used[i] + add, reset[i]
   if (kind == 'rpm' or kind == 'tpm') and add > 0 then
     -- This bucket is the newest, unless Redis's clock stepped back: then it is the oldest.
