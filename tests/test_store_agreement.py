@@ -3,10 +3,12 @@
 Redis's clock cannot be moved, so here the scripts read the time from a hash
 that the test sets (the one line that calls ``TIME`` is swapped), and Redis's
 expiry is played by the test: it records each TTL a script set and deletes
-the key once the test's clock passes it. After every operation both stores
+the key once the test's clock passes it, and a script that asks for a key's
+TTL (``PTTL``) reads what is left of the recorded one. The clock also steps
+back now and then, as Redis's does when a failover lands on a node behind. After every operation both stores
 must answer alike, and every bucket hash must keep its invariants: the total
 is the sum of its buckets, no bucket at 0, the oldest is the oldest, every key
-has a TTL, and no key expires while a bucket in it still counts.
+has a TTL, and no key expires while a bucket or a lease in it still counts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ pytestmark = pytest.mark.timeout(120)
 CLOCK_KEY = "test:clock"
 REAL_TIME = "local t = redis.call('TIME')"
 FAKE_TIME = f"local t = redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"
+EXPIRY_KEY = "test:expiry"
+REAL_PTTL = "redis.call('PTTL', key)"
+FAKE_PTTL = f"((tonumber(redis.call('HGET', '{EXPIRY_KEY}', key)) or (now - 1)) - now)"
 HELD = 10**9  # ms: every TTL, once recorded, so that only the test's clock expires keys
 TTL_MS = 30_000
 
@@ -50,9 +55,13 @@ class Clocked:
         for key, at in list(self.expires.items()):
             if at <= self.now[0]:
                 await self.client.delete(key)
-                del self.expires[key]
+                await self.forget(key)
         now = self.now[0]
         await self.client.hset(CLOCK_KEY, mapping={"s": now // 1000, "us": now % 1000 * 1000})
+
+    async def forget(self, key: str) -> None:
+        del self.expires[key]
+        await self.client.hdel(EXPIRY_KEY, key)
 
     async def check_keys(self, what: str) -> None:
         current = self.now[0] // 1000
@@ -62,15 +71,21 @@ class Clocked:
             assert ttl != -1, f"{what}: {key} has no TTL"
             if ttl < HELD // 2:  # set by this operation
                 self.expires[key] = self.now[0] + ttl
+                await self.client.hset(EXPIRY_KEY, key, self.expires[key])
             if key.endswith((":req", ":tpm")):
                 fields = await tpm_fields(self.client, key)
                 check_total(fields)
                 counted = [b for b in fields if b >= current - 60]  # not TOTAL or OLDEST (below 0)
                 if counted:
                     assert self.expires[key] >= (max(counted) + 61) * 1000, f"{what}: {key} expires early"
+            if key.endswith(":concurrency"):
+                leases = await self.client.zrange(key, -1, -1, withscores=True)
+                if leases and leases[0][1] > self.now[0]:
+                    # The recorded TTL is read back after the script set it: real milliseconds pass.
+                    assert self.expires[key] >= leases[0][1] - 50, f"{what}: {key} expires before its leases"
             await self.client.pexpire(key, HELD)
         for key in [k for k in self.expires if not await self.client.exists(k)]:
-            del self.expires[key]
+            await self.forget(key)
 
 
 @pytest.fixture
@@ -81,7 +96,8 @@ async def clocked(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) ->
         text = real(name)
         # The one place a script reads the time (release.lua needs none).
         assert (REAL_TIME in text) == (name != "release.lua"), name
-        return text.replace(REAL_TIME, FAKE_TIME)
+        assert (REAL_PTTL in text) == (name != "release.lua"), name
+        return text.replace(REAL_TIME, FAKE_TIME).replace(REAL_PTTL, FAKE_PTTL)
 
     monkeypatch.setattr(store_redis, "_lua", on_test_clock)
     client = aioredis.Redis.from_url(redis_server.url)
@@ -111,7 +127,9 @@ async def test_redis_and_memory_stores_agree_and_keep_their_invariants(clocked: 
     every_lease: list[str] = []
     outcomes: set[str] = set()
     for i in range(300):
-        await clocked.advance(rng.randint(20_000, 70_000) if rng.random() < 0.05
+        step = rng.random()
+        await clocked.advance(rng.randint(20_000, 70_000) if step < 0.05
+                              else -rng.choice([1, 600, 2_000, 5_000]) if step < 0.08
                               else rng.choice([0, 0, 1, 7, 100, 400, 999, 1000, 1500]))
         action = rng.random()
         if action < 0.45:

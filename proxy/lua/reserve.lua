@@ -125,6 +125,12 @@ end
 
 local current = math.floor(now / BUCKET)
 
+-- A key's expiry only ever moves later. After a step back of Redis's clock (a failover to a
+-- node behind), what was charged before the step may count longer than what is charged now.
+local function live_for(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
 -- What state() read of each bucket hash, for charge(): {total, oldest, current bucket}
 local read = {}
 
@@ -193,12 +199,12 @@ local function charge(key, kind, add)
         redis.call('HSET', key, current, r[3] + add, TOTAL, r[1] + add, OLDEST, current)
       end
       -- The key lives while its newest bucket counts: set once, when that bucket appears.
-      if r[3] == 0 then redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET) end
+      if r[3] == 0 then live_for(key, (BUCKETS + 2) * BUCKET) end
     end
     return current
   elseif kind == 'concurrency' then
     redis.call('ZADD', key, now + ttl, lease)
-    redis.call('PEXPIRE', key, ttl)
+    live_for(key, ttl)
     return 0
   end
   local index, ends = calendar(kind)

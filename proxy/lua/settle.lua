@@ -11,6 +11,14 @@
 local BUCKET, BUCKETS = 1000, 60
 local TOTAL, OLDEST = '-1', '-2'  -- of a tpm hash: see reserve.lua
 
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- A key's expiry only ever moves later (see reserve.lua).
+local function live_for(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
 -- Add delta to one bucket of a tpm hash, keeping TOTAL exact and no bucket at 0 or below.
 -- A bucket field that appears or goes may change the oldest: forget OLDEST, the next
 -- reserve rebuilds it (rare: a bucket appears only for a late correction, or one that an
@@ -25,11 +33,9 @@ local function add(key, bucket, delta)
   if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
   if r <= 0 or r == delta then redis.call('HDEL', key, OLDEST) end
   -- A bucket that appeared may have brought the key back too: it lives while that bucket counts.
-  if r == delta and r > 0 then redis.call('PEXPIRE', key, (BUCKETS + 2) * BUCKET) end
+  if r == delta and r > 0 then live_for(key, (BUCKETS + 2) * BUCKET) end
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, delta = ARGV[1], tonumber(ARGV[2])
 local n = (#ARGV - 2) / 2
 
