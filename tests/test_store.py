@@ -272,13 +272,38 @@ async def test_a_step_back_of_redis_clock_keeps_the_oldest_bucket_right(redis_se
         ahead = int(time.time()) + 5
         for key in keys:
             await client.hset(key, mapping={ahead: 3, TOTAL: 3, OLDEST: ahead})
+            await client.pexpireat(key, (ahead + 62) * 1000)  # as set when that bucket appeared
         admission = await store.reserve(p, "behind", 10, TTL_MS)
         assert [s.used for s in admission.states] == [4, 13]
         for key in keys:
             fields = await tpm_fields(client, key)
             check_total(fields)
             assert fields[int(OLDEST)] == admission.windows[0] < ahead
+            # The current bucket's 62 s would cut the newer bucket short: the expiry stays.
+            assert await client.pttl(key) > (ahead + 61) * 1000 - time.time() * 1000
         assert all(59_000 < s.reset_ms <= 61_000 for s in admission.states)
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_late_settle_into_a_bucket_newer_than_the_clock_keeps_it_counted(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    # After a step back of Redis's clock, a settle may bring back a bucket charged before the
+    # step (a refund had emptied it, and the hash had gone): newer than the current second.
+    # Its hash lives until that bucket leaves the window, not 62 s from Redis's earlier now.
+    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
+    client = aioredis.Redis.from_url(redis_server.url)
+    p = plan_for(KeyPolicy(id="static:n", name="n", team=None, models=None, limits=Limits(tpm=1000)))
+    assert p is not None
+    key = f"{PREFIX}{{{p.shard}}}:k:static:n:tpm"
+    try:
+        ahead = int(time.time()) + 5
+        await store.settle(p, "late", (ahead,), 20)
+        fields = await tpm_fields(client, key)
+        check_total(fields)
+        assert fields[ahead] == 20
+        assert await client.pttl(key) > (ahead + 61) * 1000 - time.time() * 1000
     finally:
         await client.aclose()
         await store.close()

@@ -32,8 +32,10 @@ local function add(key, bucket, delta)
   end
   if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
   if r <= 0 or r == delta then redis.call('HDEL', key, OLDEST) end
-  -- A bucket that appeared may have brought the key back too: it lives while that bucket counts.
-  if r == delta and r > 0 then live_for(key, (BUCKETS + 2) * BUCKET) end
+  -- A bucket that appeared may have brought the key back too: it lives while that bucket counts
+  -- (as reserve's do, a second past its last; after a step back of the clock it may be newer
+  -- than the current one).
+  if r == delta and r > 0 then live_for(key, (bucket + BUCKETS + 2) * BUCKET - now) end
 end
 
 local lease, delta = ARGV[1], tonumber(ARGV[2])
