@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -173,6 +174,35 @@ async def test_the_lua_lease_record_shares_the_hash_tag_and_expires(redis_server
         await store.close()
 
 
+@dataclass
+class Lua:
+    """The Redis store and a plain client of the same server: for tests that look at what the
+    scripts stored."""
+
+    store: RedisQuotaStore
+    client: aioredis.Redis
+
+    @staticmethod
+    def plan(name: str, limits: Limits) -> Plan:
+        """A key of its own, in no team, with these limits."""
+        made = plan_for(KeyPolicy(id=f"static:{name}", name=name, team=None, models=None, limits=limits))
+        assert made is not None
+        return made
+
+    @staticmethod
+    def counter(p: Plan, kind: str) -> str:
+        """The Redis key of the plan's counter of one kind (``req``, ``tpm``, ...)."""
+        return f"{PREFIX}{{{p.shard}}}:{p.checks[0].subject}:{kind}"
+
+
+@pytest.fixture
+async def lua(redis_server: RedisServer) -> AsyncIterator[Lua]:  # noqa: F811
+    made = Lua(RedisQuotaStore.from_url(redis_server.url, 1.0), aioredis.Redis.from_url(redis_server.url))
+    yield made
+    await made.client.aclose()
+    await made.store.close()
+
+
 # --- the bucket hashes' running totals (reserve.lua): exact, whatever the order of charges and refunds
 
 TOTAL, OLDEST = "-1", "-2"  # the fields reserve.lua keeps besides the buckets (rpm and tpm)
@@ -190,175 +220,137 @@ def check_total(fields: dict[int, int]) -> None:
         assert fields[int(OLDEST)] == min(buckets), fields
 
 
-async def test_the_totals_follow_every_charge_refund_and_release(redis_server: RedisServer) -> None:  # noqa: F811
-    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
-    client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:s", name="s", team=None, models=None, limits=Limits(rpm=10**9, tpm=10**9)))
-    assert p is not None
-    requests_key, tokens_key = (f"{PREFIX}{{{p.shard}}}:k:static:s:{kind}" for kind in ("req", "tpm"))
+async def test_the_totals_follow_every_charge_refund_and_release(lua: Lua) -> None:
+    store, client = lua.store, lua.client
+    p = lua.plan("s", Limits(rpm=10**9, tpm=10**9))
+    requests_key, tokens_key = (lua.counter(p, kind) for kind in ("req", "tpm"))
     rng = random.Random(7)
     open_leases: dict[str, tuple[int, tuple[int, ...]]] = {}
     requests = tokens = 0
-    try:
-        for i in range(300):  # over about 3 s, so across bucket boundaries
-            await asyncio.sleep(0.01)
-            action = rng.random()
-            if action < 0.5 or not open_leases:
-                estimate = rng.choice([0, 1, 5, 40])
-                admission = await store.reserve(p, f"l{i}", estimate, TTL_MS)
-                open_leases[f"l{i}"] = (estimate, admission.windows)
-                requests, tokens = requests + 1, tokens + estimate
+    for i in range(300):  # over about 3 s, so across bucket boundaries
+        await asyncio.sleep(0.01)
+        action = rng.random()
+        if action < 0.5 or not open_leases:
+            estimate = rng.choice([0, 1, 5, 40])
+            admission = await store.reserve(p, f"l{i}", estimate, TTL_MS)
+            open_leases[f"l{i}"] = (estimate, admission.windows)
+            requests, tokens = requests + 1, tokens + estimate
+        else:
+            lease = rng.choice(sorted(open_leases))
+            estimate, windows = open_leases.pop(lease)
+            if action < 0.85:
+                delta = rng.choice([-estimate, -1, 0, 3]) if estimate else rng.choice([0, 3])
+                await store.settle(p, lease, windows, delta)
+                tokens += delta
             else:
-                lease = rng.choice(sorted(open_leases))
-                estimate, windows = open_leases.pop(lease)
-                if action < 0.85:
-                    delta = rng.choice([-estimate, -1, 0, 3]) if estimate else rng.choice([0, 3])
-                    await store.settle(p, lease, windows, delta)
-                    tokens += delta
-                else:
-                    assert await store.release(p, lease, TTL_MS)
-                    requests, tokens = requests - 1, tokens - estimate
-            for key in (requests_key, tokens_key):
-                fields = await tpm_fields(client, key)
-                check_total(fields)
-                assert len(fields) <= 2 + 5  # a bucket a second (3 s), TOTAL and OLDEST: not one per request
-                assert not fields or await client.pttl(key) > 0  # never left without a TTL
-            if i % 25 == 0:
-                assert [s.used for s in await store.usage(p)] == [requests, tokens]
-        assert [s.used for s in await store.usage(p)] == [requests, tokens]  # nothing expired in 3 s
-    finally:
-        await client.aclose()
-        await store.close()
+                assert await store.release(p, lease, TTL_MS)
+                requests, tokens = requests - 1, tokens - estimate
+        for key in (requests_key, tokens_key):
+            fields = await tpm_fields(client, key)
+            check_total(fields)
+            assert len(fields) <= 2 + 5  # a bucket a second (3 s), TOTAL and OLDEST: not one per request
+            assert not fields or await client.pttl(key) > 0  # never left without a TTL
+        if i % 25 == 0:
+            assert [s.used for s in await store.usage(p)] == [requests, tokens]
+    assert [s.used for s in await store.usage(p)] == [requests, tokens]  # nothing expired in 3 s
 
 
-async def test_expired_buckets_leave_the_total_and_the_reset(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_expired_buckets_leave_the_total_and_the_reset(lua: Lua) -> None:
     # Redis's clock cannot move: plant buckets of the past instead, as the previous layout
     # (no total) and as this one (a total whose oldest bucket has expired).
-    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
-    client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:x", name="x", team=None, models=None, limits=Limits(tpm=1000)))
-    assert p is not None
-    key = f"{PREFIX}{{{p.shard}}}:k:static:x:tpm"
-    try:
-        for with_total in (False, True):
-            await client.delete(key)
-            second = int(time.time())
-            planted = {second - 90: 500, second - 30: 200, second - 20: 0, second - 10: 100}
-            await client.hset(key, mapping=planted)
-            if with_total:
-                await client.hset(key, mapping={TOTAL: 800, OLDEST: second - 90})
-            assert (await store.usage(p))[0].used == 300  # a peek: counted buckets only
-            admission = await store.reserve(p, f"now-{with_total}", 5, TTL_MS)
-            assert admission.admitted and admission.states[0].used == 305
-            reset = admission.states[0].reset_ms
-            assert 29_000 < reset <= 32_000  # the bucket of 30 s ago leaves in 31 s
-            fields = await tpm_fields(client, key)
-            check_total(fields)
-            assert set(fields) - {int(TOTAL), int(OLDEST)} == {second - 30, second - 10, admission.windows[0]}
-    finally:
-        await client.aclose()
-        await store.close()
+    store, client = lua.store, lua.client
+    p = lua.plan("x", Limits(tpm=1000))
+    key = lua.counter(p, "tpm")
+    for with_total in (False, True):
+        await client.delete(key)
+        second = int(time.time())
+        planted = {second - 90: 500, second - 30: 200, second - 20: 0, second - 10: 100}
+        await client.hset(key, mapping=planted)
+        if with_total:
+            await client.hset(key, mapping={TOTAL: 800, OLDEST: second - 90})
+        assert (await store.usage(p))[0].used == 300  # a peek: counted buckets only
+        admission = await store.reserve(p, f"now-{with_total}", 5, TTL_MS)
+        assert admission.admitted and admission.states[0].used == 305
+        reset = admission.states[0].reset_ms
+        assert 29_000 < reset <= 32_000  # the bucket of 30 s ago leaves in 31 s
+        fields = await tpm_fields(client, key)
+        check_total(fields)
+        assert set(fields) - {int(TOTAL), int(OLDEST)} == {second - 30, second - 10, admission.windows[0]}
 
 
-async def test_a_step_back_of_redis_clock_keeps_the_oldest_bucket_right(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_a_step_back_of_redis_clock_keeps_the_oldest_bucket_right(lua: Lua) -> None:
     # After a failover to a Redis whose clock is behind, the current bucket is older than
     # buckets already counted: it becomes the oldest, and the reset follows it.
-    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
-    client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:b", name="b", team=None, models=None, limits=Limits(rpm=100, tpm=1000)))
-    assert p is not None
-    keys = [f"{PREFIX}{{{p.shard}}}:k:static:b:{kind}" for kind in ("req", "tpm")]
-    try:
-        ahead = int(time.time()) + 5
-        for key in keys:
-            await client.hset(key, mapping={ahead: 3, TOTAL: 3, OLDEST: ahead})
-            await client.pexpireat(key, (ahead + 62) * 1000)  # as set when that bucket appeared
-        admission = await store.reserve(p, "behind", 10, TTL_MS)
-        assert [s.used for s in admission.states] == [4, 13]
-        for key in keys:
-            fields = await tpm_fields(client, key)
-            check_total(fields)
-            assert fields[int(OLDEST)] == admission.windows[0] < ahead
-            # The current bucket's 62 s would cut the newer bucket short: the expiry stays.
-            assert await client.pttl(key) > (ahead + 61) * 1000 - time.time() * 1000
-        assert all(59_000 < s.reset_ms <= 61_000 for s in admission.states)
-    finally:
-        await client.aclose()
-        await store.close()
+    store, client = lua.store, lua.client
+    p = lua.plan("b", Limits(rpm=100, tpm=1000))
+    keys = [lua.counter(p, kind) for kind in ("req", "tpm")]
+    ahead = int(time.time()) + 5
+    for key in keys:
+        await client.hset(key, mapping={ahead: 3, TOTAL: 3, OLDEST: ahead})
+        await client.pexpireat(key, (ahead + 62) * 1000)  # as set when that bucket appeared
+    admission = await store.reserve(p, "behind", 10, TTL_MS)
+    assert [s.used for s in admission.states] == [4, 13]
+    for key in keys:
+        fields = await tpm_fields(client, key)
+        check_total(fields)
+        assert fields[int(OLDEST)] == admission.windows[0] < ahead
+        # The current bucket's 62 s would cut the newer bucket short: the expiry stays.
+        assert await client.pttl(key) > (ahead + 61) * 1000 - time.time() * 1000
+    assert all(59_000 < s.reset_ms <= 61_000 for s in admission.states)
 
 
-async def test_a_late_settle_into_a_bucket_newer_than_the_clock_keeps_it_counted(
-        redis_server: RedisServer) -> None:  # noqa: F811
+async def test_a_late_settle_into_a_bucket_newer_than_the_clock_keeps_it_counted(lua: Lua) -> None:
     # After a step back of Redis's clock, a settle may bring back a bucket charged before the
     # step (a refund had emptied it, and the hash had gone): newer than the current second.
     # Its hash lives until that bucket leaves the window, not 62 s from Redis's earlier now.
-    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
-    client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:n", name="n", team=None, models=None, limits=Limits(tpm=1000)))
-    assert p is not None
-    key = f"{PREFIX}{{{p.shard}}}:k:static:n:tpm"
-    try:
-        ahead = int(time.time()) + 5
-        await store.settle(p, "late", (ahead,), 20)
-        fields = await tpm_fields(client, key)
-        check_total(fields)
-        assert fields[ahead] == 20
-        assert await client.pttl(key) > (ahead + 61) * 1000 - time.time() * 1000
-    finally:
-        await client.aclose()
-        await store.close()
+    store, client = lua.store, lua.client
+    p = lua.plan("n", Limits(tpm=1000))
+    key = lua.counter(p, "tpm")
+    ahead = int(time.time()) + 5
+    await store.settle(p, "late", (ahead,), 20)
+    fields = await tpm_fields(client, key)
+    check_total(fields)
+    assert fields[ahead] == 20
+    assert await client.pttl(key) > (ahead + 61) * 1000 - time.time() * 1000
 
 
-async def test_a_tpm_denial_retries_when_enough_buckets_leave(redis_server: RedisServer) -> None:  # noqa: F811
-    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
-    client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:r", name="r", team=None, models=None, limits=Limits(tpm=1000)))
-    assert p is not None
-    key = f"{PREFIX}{{{p.shard}}}:k:static:r:tpm"
-    try:
-        second = int(time.time())
-        await client.hset(key, mapping={second - 40: 600, second - 20: 300, second - 5: 200,
-                                        TOTAL: 1100, OLDEST: second - 40})
-        denied = await store.reserve(p, "over", 1, TTL_MS)
-        assert not denied.admitted and denied.states[0].used == 1100
-        assert 19_000 < denied.retry_ms <= 22_000  # once the 600 of 40 s ago leave: 500 < 1000
-        assert 19_000 < denied.states[0].reset_ms <= 22_000
-        check_total(await tpm_fields(client, key))
-    finally:
-        await client.aclose()
-        await store.close()
+async def test_a_tpm_denial_retries_when_enough_buckets_leave(lua: Lua) -> None:
+    store, client = lua.store, lua.client
+    p = lua.plan("r", Limits(tpm=1000))
+    key = lua.counter(p, "tpm")
+    second = int(time.time())
+    await client.hset(key, mapping={second - 40: 600, second - 20: 300, second - 5: 200,
+                                    TOTAL: 1100, OLDEST: second - 40})
+    denied = await store.reserve(p, "over", 1, TTL_MS)
+    assert not denied.admitted and denied.states[0].used == 1100
+    assert 19_000 < denied.retry_ms <= 22_000  # once the 600 of 40 s ago leave: 500 < 1000
+    assert 19_000 < denied.states[0].reset_ms <= 22_000
+    check_total(await tpm_fields(client, key))
 
 
-async def test_settle_and_release_into_old_or_gone_buckets_keep_the_total(
-        redis_server: RedisServer) -> None:  # noqa: F811
-    store = RedisQuotaStore.from_url(redis_server.url, 1.0)
-    client = aioredis.Redis.from_url(redis_server.url)
-    p = plan_for(KeyPolicy(id="static:o", name="o", team=None, models=None, limits=Limits(tpm=10**6)))
-    assert p is not None
-    key = f"{PREFIX}{{{p.shard}}}:k:static:o:tpm"
-    try:
-        second = int(time.time())
-        await client.hset(key, mapping={second - 10: 100, TOTAL: 100, OLDEST: second - 10})
-        # A reservation of 0 tokens 30 s ago (no bucket) whose usage came late: a new oldest bucket.
-        await store.settle(p, "late", (second - 30,), 7)
-        check_total(await tpm_fields(client, key))
-        assert (await store.usage(p))[0].used == 107
-        reset = (await store.reserve(p, "next", 1, TTL_MS)).states[0].reset_ms
-        assert 29_000 < reset <= 31_000  # from the bucket of 30 s ago, not 10 s ago
-        # A lost reservation whose bucket has gone meanwhile: nothing left to undo there.
-        await client.hset(f"{PREFIX}{{{p.shard}}}:lease:gone", mapping={"e": 40, "1": second - 50})
-        assert await store.release(p, "gone", TTL_MS)
-        check_total(await tpm_fields(client, key))
-        assert (await store.usage(p))[0].used == 108
-        # A full refund empties the oldest bucket: the reset moves to the next one.
-        await store.settle(p, "late", (second - 30,), -7)
-        check_total(await tpm_fields(client, key))
-        state = (await store.reserve(p, "after", 1, TTL_MS)).states[0]
-        assert state.used == 102 and 49_000 < state.reset_ms <= 51_000
-        # Usage that comes after its counter expired altogether brings the counter back, with a TTL.
-        await client.delete(key)
-        await store.settle(p, "after", (second - 5,), 3)
-        assert (await store.usage(p))[0].used == 3 and 0 < await client.pttl(key) <= 62_000
-    finally:
-        await client.aclose()
-        await store.close()
+async def test_settle_and_release_into_old_or_gone_buckets_keep_the_total(lua: Lua) -> None:
+    store, client = lua.store, lua.client
+    p = lua.plan("o", Limits(tpm=10**6))
+    key = lua.counter(p, "tpm")
+    second = int(time.time())
+    await client.hset(key, mapping={second - 10: 100, TOTAL: 100, OLDEST: second - 10})
+    # A reservation of 0 tokens 30 s ago (no bucket) whose usage came late: a new oldest bucket.
+    await store.settle(p, "late", (second - 30,), 7)
+    check_total(await tpm_fields(client, key))
+    assert (await store.usage(p))[0].used == 107
+    reset = (await store.reserve(p, "next", 1, TTL_MS)).states[0].reset_ms
+    assert 29_000 < reset <= 31_000  # from the bucket of 30 s ago, not 10 s ago
+    # A lost reservation whose bucket has gone meanwhile: nothing left to undo there.
+    await client.hset(f"{PREFIX}{{{p.shard}}}:lease:gone", mapping={"e": 40, "1": second - 50})
+    assert await store.release(p, "gone", TTL_MS)
+    check_total(await tpm_fields(client, key))
+    assert (await store.usage(p))[0].used == 108
+    # A full refund empties the oldest bucket: the reset moves to the next one.
+    await store.settle(p, "late", (second - 30,), -7)
+    check_total(await tpm_fields(client, key))
+    state = (await store.reserve(p, "after", 1, TTL_MS)).states[0]
+    assert state.used == 102 and 49_000 < state.reset_ms <= 51_000
+    # Usage that comes after its counter expired altogether brings the counter back, with a TTL.
+    await client.delete(key)
+    await store.settle(p, "after", (second - 5,), 3)
+    assert (await store.usage(p))[0].used == 3 and 0 < await client.pttl(key) <= 62_000
