@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import stub
-from procs import GATEWAY_ENV, ROOT, Procs, cpu_seconds, free_port, start_backends, start_gateway, which
+from procs import GATEWAY_ENV, ROOT, Procs, cpu_seconds, free_port, layout, start_backends, start_gateway, which
 
 HEADERS = stub.HEADERS
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, root in roots.items():
             os.environ["BENCH_GATEWAY_ROOT"] = str(root)
             port = free_port()
-            gateways[name] = start_gateway(procs, f"gateway-{name}", cfg, port, "1", GATEWAY_ENV)
+            gateways[name] = start_gateway(procs, f"gateway-{name}", cfg, port, layout().gateway, GATEWAY_ENV)
         os.environ.pop("BENCH_GATEWAY_ROOT", None)
         bodies = {"json": stub.request_body(stub.MODEL, False), "stream": stub.request_body(stub.STREAM_MODEL, True)}
         scripts = {kind: loadgen.post_script(workdir, kind, body, HEADERS) for kind, body in bodies.items()}

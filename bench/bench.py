@@ -2,10 +2,12 @@
 
     bench/run [--smoke] [--profile] [--no-quotas]      (bench/run installs the tools)
 
-Layout on a 2-core machine (``taskset``): core 0 carries the load generators
-(wrk, k6) and the nginx stub upstream; core 1 carries the system under test —
-nothing (direct), one nginx worker (proxy hop) or one gateway process. Three
-paths to the same stub:
+Layout on a 2-core machine (``taskset``, ``procs.Layout``): core 0 carries the
+load generators (wrk, k6), the nginx stub upstream and Redis; core 1 carries the
+system under test — nothing (direct), one nginx worker (proxy hop) or one
+gateway process. With more cores, the generators, the stub and Redis get every
+core but the first two, and the two-process run has the first two to itself.
+Three paths to the same stub:
 
     direct   client → stub
     hop      client → nginx (proxy_pass, proxy_buffering off, keep-alive) → stub
@@ -13,7 +15,7 @@ paths to the same stub:
 
 Measured per path, for non-streamed and streamed (20 chunk events) requests:
 saturation requests/s (wrk, closed loop, fixed connections); CPU µs per request
-of the process on core 1 (utime+stime deltas from /proc/PID/stat over the
+of the process on the gateway's core (utime+stime deltas from /proc/PID/stat over the
 run); latency p50/p99 at a constant rate (k6 constant-arrival-rate, open loop)
 — for streams, time to first byte and to last byte; RSS after the run. Then
 two gateway processes (one per core) against one, and Redis commands and
@@ -45,16 +47,20 @@ import loadgen
 import stub
 from procs import (
     GATEWAY_ENV,
+    REST,
     ROOT,
     SCRIPT_COMMANDS,
+    Layout,
     Proc,
     Procs,
     core_busy_seconds,
     cores_awake,
+    cpu_list,
     cpu_seconds,
     free_port,
     gateway_root,
     http_get,
+    layout,
     machine,
     pin,
     redis_counters,
@@ -89,6 +95,7 @@ class Settings:
     profile: bool
     lb: bool
     awake: bool
+    cores: Layout
 
 
 @dataclass
@@ -153,6 +160,7 @@ def settings(argv: list[str] | None) -> Settings:
         profile=a.profile,
         lb=not a.no_lb,
         awake=not a.no_awake,
+        cores=layout(),
     )
 
 
@@ -180,10 +188,10 @@ def check_answer(target: Target, kind: str) -> str:
 def saturate(s: Settings, t: Target, kind: str, script: Path, m: Measure) -> None:
     loadgen.run_wrk(t.url(kind), script, s.warmup_s, s.connections)
     pids = t.pids()
-    cpu0, busy0, wall0 = cpu_seconds(pids), core_busy_seconds(1), time.monotonic()
+    cpu0, busy0, wall0 = cpu_seconds(pids), core_busy_seconds(s.cores.gateway), time.monotonic()
     r = loadgen.run_wrk(t.url(kind), script, s.saturate_s, s.connections)
     cpu = cpu_seconds(pids) - cpu0
-    m.foreign_core1_sat = max(0.0, (core_busy_seconds(1) - busy0 - cpu) / (time.monotonic() - wall0))
+    m.foreign_core1_sat = max(0.0, (core_busy_seconds(s.cores.gateway) - busy0 - cpu) / (time.monotonic() - wall0))
     m.rps, m.requests, m.errors = r.rps, r.requests, r.errors
     m.cpu_us_sat = cpu * 1e6 / r.requests if r.requests else 0.0
     m.rss_mib = rss_bytes(pids) / 2**20
@@ -196,14 +204,15 @@ def saturate(s: Settings, t: Target, kind: str, script: Path, m: Measure) -> Non
 def constant_rate(s: Settings, workdir: Path, t: Target, kind: str, m: Measure, redis_port: int | None,
                   spinners: Sequence[int] = ()) -> None:
     pids = t.pids()
-    cpu0, busy0, wall0 = cpu_seconds(pids), core_busy_seconds(1), time.monotonic()
-    spun0 = cpu_seconds(spinners[1:2])  # the spinner on core 1 is not foreign load
+    cpu0, busy0, wall0 = cpu_seconds(pids), core_busy_seconds(s.cores.gateway), time.monotonic()
+    spun0 = cpu_seconds(spinners[:1])  # the spinner on the gateway's core is not foreign load
     before = redis_counters(redis_port) if redis_port else None
     r = loadgen.run_k6(workdir, f"{t.name}-{kind}", t.url(kind), t.bodies[kind], HEADERS, s.rate, s.rate_s)
     after = redis_counters(redis_port) if redis_port else None
     cpu = cpu_seconds(pids) - cpu0
-    spun = cpu_seconds(spinners[1:2]) - spun0
-    m.foreign_core1_rate = max(0.0, (core_busy_seconds(1) - busy0 - cpu - spun) / (time.monotonic() - wall0))
+    spun = cpu_seconds(spinners[:1]) - spun0
+    busy = core_busy_seconds(s.cores.gateway) - busy0
+    m.foreign_core1_rate = max(0.0, (busy - cpu - spun) / (time.monotonic() - wall0))
     m.cpu_us_rate = cpu * 1e6 / r.requests if r.requests else 0.0
     m.p50_ms, m.p99_ms, m.ttfb_p50_ms, m.ttfb_p99_ms = r.p50_ms, r.p99_ms, r.ttfb_p50_ms, r.ttfb_p99_ms
     m.rate_requests, m.rate_failed, m.rate_dropped = r.requests, r.failed, r.dropped
@@ -235,11 +244,17 @@ def scaling(
     and, unless --no-lb, the same two behind an nginx balancer.
 
     On two cores the load generators, the stub and Redis share the cores with the two gateways,
-    so the measured ratio also reflects them (and anything else running). Reported with it: the
-    gateways' CPU per request, the ratio it projects for two full cores, and the share of the two
-    cores that went to processes outside the benchmark. Full mode keeps the better of two rounds."""
+    so the measured ratio also reflects them (and anything else running); on more, they run on
+    cores of their own (``procs.Layout``). Reported with it: the gateways' CPU per request, the
+    ratio it projects for two full cores, what the others cost per request and the ceiling that
+    puts on the ratio where they share the cores, and the share of the gateways' two cores that
+    went to processes outside the benchmark. Full mode keeps the better of two rounds."""
+    cores = s.cores
+    gateway_cores = (cores.gateway, cores.second_gateway)
+    # On two cores every process may use both (the kernel balances them); on more, the rest's.
+    others: str | None = None if cores.shared else REST
     port_a = free_port()
-    gw_a = start_gateway(procs, "gateway-a", gw_config, port_a, "0", GATEWAY_ENV)
+    gw_a = start_gateway(procs, "gateway-a", gw_config, port_a, cores.second_gateway, GATEWAY_ENV)
     out: dict[str, Any] = {}
     ports = [gw_a.port, gw_b.port]
     path = "/v1/chat/completions"
@@ -247,15 +262,16 @@ def scaling(
     for kind in KINDS:
         script = scripts[f"gateway-{kind}"]
         for port in ports:
-            loadgen.run_wrk(f"http://127.0.0.1:{port}{path}", script, s.warmup_s, s.connections, cpus=None)
+            loadgen.run_wrk(f"http://127.0.0.1:{port}{path}", script, s.warmup_s, s.connections, cpus=others)
         best: dict[str, Any] = {}
         for _ in range(rounds):
             pids = [gw_a.pid, gw_b.pid]
             cpu0, env0 = cpu_seconds(pids), {name: cpu_seconds(ps) for name, ps in env.items()}
             kids0 = _children_cpu()
-            busy0, wall0 = core_busy_seconds(0) + core_busy_seconds(1), time.monotonic()
+            busy0, wall0 = sum(map(core_busy_seconds, gateway_cores)), time.monotonic()
             runs = [
-                loadgen.start_wrk(f"http://127.0.0.1:{port}{path}", script, s.saturate_s, s.connections, cpus=None)
+                loadgen.start_wrk(f"http://127.0.0.1:{port}{path}", script, s.saturate_s, s.connections,
+                                  cpus=others)
                 for port in ports
             ]
             results = [loadgen.finish_wrk(r, s.saturate_s) for r in runs]
@@ -263,15 +279,16 @@ def scaling(
             cpu = cpu_seconds(pids) - cpu0
             each = {name: cpu_seconds(ps) - env0[name] for name, ps in env.items()}
             each["wrk"] = _children_cpu() - kids0
-            ours = cpu + sum(each.values())
-            foreign = max(0.0, core_busy_seconds(0) + core_busy_seconds(1) - busy0 - ours) / (2 * wall)
+            ours = cpu + sum(each.values()) if cores.shared else cpu  # on the gateways' cores
+            foreign = max(0.0, sum(map(core_busy_seconds, gateway_cores)) - busy0 - ours) / (2 * wall)
             total = sum(r.rps for r in results)
             requests = sum(r.requests for r in results)
             cpu_us = cpu * 1e6 / requests if requests else 0.0
             # wrk, the stub and Redis on the same two cores: per request they cost `others_us`, so
             # two cores can serve at most 2 s / (gateway + others) per second, whatever the gateway.
-            others_us = (ours - cpu) * 1e6 / requests if requests else 0.0
-            ceiling = 2e6 / (cpu_us + others_us) if cpu_us + others_us else 0.0
+            others_us = sum(each.values()) * 1e6 / requests if requests else 0.0
+            sharing_us = others_us if cores.shared else 0.0
+            ceiling = 2e6 / (cpu_us + sharing_us) if cpu_us + sharing_us else 0.0
             round_ = {
                 "rps": total,
                 "ratio": total / one[kind].rps if one[kind].rps else 0.0,
@@ -298,11 +315,12 @@ def scaling(
     if s.lb:
         lb_port = free_port()
         conf = stub.hop_conf(workdir, "lb", lb_port, [gw_a.port, gw_b.port], workers=1)
-        lb = procs.start("lb", [which("nginx") or "nginx", "-c", str(conf), "-p", str(workdir)], port=lb_port)
+        lb = procs.start("lb", pin(others, [which("nginx") or "nginx", "-c", str(conf), "-p", str(workdir)]),
+                         port=lb_port)
         for kind in KINDS:
             url = f"http://127.0.0.1:{lb_port}/v1/chat/completions"
-            loadgen.run_wrk(url, scripts[f"gateway-{kind}"], s.warmup_s, s.connections * 2, cpus=None)
-            r = loadgen.run_wrk(url, scripts[f"gateway-{kind}"], s.saturate_s, s.connections * 2, cpus=None)
+            loadgen.run_wrk(url, scripts[f"gateway-{kind}"], s.warmup_s, s.connections * 2, cpus=others)
+            r = loadgen.run_wrk(url, scripts[f"gateway-{kind}"], s.saturate_s, s.connections * 2, cpus=others)
             out[f"{kind}_lb"] = {
                 "rps": r.rps,
                 "ratio": r.rps / one[kind].rps if one[kind].rps else 0.0,
@@ -338,7 +356,7 @@ def profile(s: Settings, workdir: Path, out_dir: Path, gw: Target, scripts: dict
         # but the stacks are consistent; --nonblocking gives torn coroutine stacks.
         argv = [pyspy, "record", "--pid", str(gw.pids()[0]), "--duration", str(seconds)]
         argv += ["--rate", "200", "--format", "raw", "-o", str(raw)]
-        spy = subprocess.Popen(pin("0", argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        spy = subprocess.Popen(pin(REST, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
         loadgen.run_wrk(gw.url(kind), scripts[f"gateway-{kind}"], seconds, s.connections)
         _, err = spy.communicate(timeout=seconds + 60)
@@ -513,8 +531,9 @@ def build_table(
                 f"{label}: 2 processes on 2 cores (one wrk each), req/s — gateways at "
                 f"{two['cpu_us']:.0f} µs/req project {two['projected_ratio']:.2f}×; wrk, stub and "
                 f"Redis at {two.get('others_us', 0):.0f} µs/req ({_split(two.get('others_each_us', {}))}) "
-                f"cap it at {two.get('ceiling_ratio', 0):.2f}×; "
-                f"other processes took {100 * two['foreign_share']:.0f}% of the 2 cores",
+                + (f"cap it at {two.get('ceiling_ratio', 0):.2f}×; " if s.cores.shared
+                   else "on cores of their own; ")
+                + f"other processes took {100 * two['foreign_share']:.0f}% of the 2 cores",
                 "–",
                 "–",
                 _f(two["rps"]),
@@ -585,6 +604,7 @@ def markdown(rows: list[list[str]], info: dict[str, Any]) -> str:
         f"Python {info['machine']['python']}; mode {info['mode']}; wrk -c {info['connections']}, "
         f"{info['saturate_s']} s per case; k6 {info['rate']}/s for {info['rate_s']} s; "
         f"quotas {'on (Redis)' if info['quotas'] else 'off'}; metrics endpoint {info['metrics']}; "
+        f"cores: {info['cores']}; "
         f"{info['date']}"
     )
     return meta + "\n\n" + "\n".join(lines) + "\n"
@@ -610,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         "rate_s": s.rate_s,
         "quotas": s.quotas,
         "gateway_root": str(gateway_root()),
+        "cores": f"gateway {s.cores.gateway}, second gateway {s.cores.second_gateway}, "
+                 f"the rest {cpu_list(s.cores.rest)}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     log(f"machine: {info['machine']}")
@@ -623,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         hop_p = procs.start(
             "hop",
             pin(
-                "1",
+                s.cores.gateway,
                 [nginx, "-c", str(stub.hop_conf(workdir, "hop", hop_port, [stub_port])), "-p", str(workdir)],
             ),
             port=hop_port,
@@ -631,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         gw_config = workdir / "gateway.yaml"
         gw_config.write_text(stub.gateway_config(stub_port, redis_port))
         gw_port = free_port()
-        gw_p = start_gateway(procs, "gateway", gw_config, gw_port, "1", GATEWAY_ENV)
+        gw_p = start_gateway(procs, "gateway", gw_config, gw_port, s.cores.gateway, GATEWAY_ENV)
 
         nginx_paths = {"json": "/v1/chat/completions", "stream": "/stream/v1/chat/completions"}
         nginx_bodies = {
@@ -674,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.awake:
             log("constant rate again, cores kept awake (a SCHED_IDLE spinner on each core)")
             awake = {t.name: {k: Measure() for k in KINDS} for t in targets}
-            with cores_awake(procs, 2) as spinners:
+            with cores_awake(procs, s.cores.awake_order()) as spinners:
                 for k in KINDS:
                     for t in targets:
                         constant_rate(s, workdir, t, k, awake[t.name][k],

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procs import pin, which
+from procs import REST, pin, which
 
 WRK_DONE = r"""
 done = function(summary, latency, requests)
@@ -84,7 +84,7 @@ class WrkResult:
 
 
 def wrk_argv(
-    url: str, script: Path, seconds: float, connections: int, threads: int = 1, cpus: str | None = "0"
+    url: str, script: Path, seconds: float, connections: int, threads: int = 1, cpus: str | int | None = REST
 ) -> list[str]:
     wrk = which("wrk") or "wrk"
     return pin(
@@ -123,7 +123,7 @@ def parse_wrk(out: str) -> WrkResult:
     raise RuntimeError(f"wrk printed no result:\n{out[-2000:]}")
 
 
-def run_wrk(url: str, script: Path, seconds: float, connections: int, cpus: str | None = "0") -> WrkResult:
+def run_wrk(url: str, script: Path, seconds: float, connections: int, cpus: str | int | None = REST) -> WrkResult:
     argv = wrk_argv(url, script, seconds, connections, cpus=cpus)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if out.returncode != 0:
@@ -132,7 +132,7 @@ def run_wrk(url: str, script: Path, seconds: float, connections: int, cpus: str 
 
 
 def start_wrk(
-    url: str, script: Path, seconds: float, connections: int, cpus: str | None
+    url: str, script: Path, seconds: float, connections: int, cpus: str | int | None
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         wrk_argv(url, script, seconds, connections, cpus=cpus),
@@ -187,7 +187,7 @@ def run_k6(
     headers: dict[str, str],
     rate: int,
     seconds: float,
-    cpus: str | None = "0",
+    cpus: str | int | None = REST,
 ) -> RateResult:
     k6 = which("k6")
     if k6 is None:

@@ -41,11 +41,13 @@ import loadgen
 import stub
 from procs import (
     GATEWAY_ENV,
+    REST,
     ROOT,
     Proc,
     Procs,
     cpu_seconds,
     free_port,
+    layout,
     machine,
     open_fds,
     rss_bytes,
@@ -254,7 +256,7 @@ def leak_phase(workdir: Path, gw_port: int, gw_pid: int, seconds: float, connect
     )
     samples: list[tuple[float, float]] = []
     start = time.monotonic()
-    wrk = loadgen.start_wrk(f"http://127.0.0.1:{gw_port}/", script, seconds, connections, cpus="0")
+    wrk = loadgen.start_wrk(f"http://127.0.0.1:{gw_port}/", script, seconds, connections, cpus=REST)
 
     async def side() -> int:
         return await abandon_loop(gw_port, start + seconds - 1)
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         def fresh_gateway(name: str) -> Proc:
             """A new gateway process, warmed up (imports, pools, first allocations)."""
             port = free_port()
-            gw = start_gateway(procs, name, cfg, port, "1", GATEWAY_ENV)
+            gw = start_gateway(procs, name, cfg, port, layout().gateway, GATEWAY_ENV)
             loadgen.run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", warm, 2, 16)
             return gw
 

@@ -56,11 +56,51 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def pin(cpus: str | None, argv: Sequence[str]) -> list[str]:
-    """``taskset -c CPUS argv`` when pinning is possible, else argv unchanged."""
+@dataclass(frozen=True)
+class Layout:
+    """Which CPUs run what. The gateway under test has a CPU of its own, and the second gateway
+    of the two-process run another. Everything else (the load generators, the stub, Redis, the
+    profiler) shares the second gateway's CPU on a two-CPU machine, and has every other CPU on a
+    larger one, where the two-process run then measures the gateways alone (bench/README.md)."""
+
+    gateway: int
+    second_gateway: int
+    rest: tuple[int, ...]
+
+    @property
+    def shared(self) -> bool:
+        """Whether the rest runs on the gateways' CPUs (a two-CPU machine)."""
+        return self.second_gateway in self.rest
+
+    def awake_order(self) -> list[int]:
+        """Every CPU, the gateway's first."""
+        return [self.gateway, *sorted({self.second_gateway, *self.rest} - {self.gateway})]
+
+
+def layout(cpus: Sequence[int] | None = None) -> Layout:
+    """The layout for these CPUs (default: those this process may run on)."""
+    ids = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(ids) < 2:  # nothing is pinned (pin() leaves argv alone)
+        return Layout(ids[0], ids[0], (ids[0],))
+    first, second = ids[0], ids[1]
+    return Layout(second, first, tuple(ids[2:]) or (first,))
+
+
+# pin()'s name for the CPUs of everything but the gateways: Layout.rest.
+REST = "rest"
+
+
+def cpu_list(cpus: Sequence[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def pin(cpus: str | int | None, argv: Sequence[str]) -> list[str]:
+    """``taskset -c CPUS argv`` when pinning is possible, else argv unchanged. ``cpus``: a CPU,
+    a taskset list, REST (the layout's), or None (not pinned)."""
     if cpus is None or which("taskset") is None or cores() < 2:
         return list(argv)
-    return ["taskset", "-c", cpus, *argv]
+    spec = cpu_list(layout().rest) if cpus == REST else str(cpus)
+    return ["taskset", "-c", spec, *argv]
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -236,15 +276,15 @@ class Procs:
 
 
 @contextlib.contextmanager
-def cores_awake(procs: Procs, count: int) -> Iterator[list[int]]:
+def cores_awake(procs: Procs, cpus: Sequence[int]) -> Iterator[list[int]]:
     """One spinner per core at SCHED_IDLE: it runs only when nothing else wants the core, and any
     wake-up preempts it at once, so it takes no time from the processes measured; it only keeps
     the core from idling. A virtual CPU that idles is halted by the host, and its next wake-up
     (the host's scheduler, a cold cache) is what a low constant rate pays per request on a VM.
-    Yields the spinners' pids (their CPU is not "foreign" load)."""
+    Yields the spinners' pids, in the order of ``cpus`` (their CPU is not "foreign" load)."""
     spinners = []
-    for core in range(count):
-        argv = ["chrt", "--idle", "0", *pin(str(core), ["sh", "-c", "while :; do :; done"])]
+    for core in cpus:
+        argv = ["chrt", "--idle", "0", *pin(core, ["sh", "-c", "while :; do :; done"])]
         spinners.append(procs.start(f"awake-{core}", argv))
     try:
         yield [p.pid for p in spinners]
@@ -260,7 +300,7 @@ def gateway_root() -> Path:
 
 
 def start_gateway(
-    procs: Procs, name: str, config: Path, port: int, cpus: str | None, env: dict[str, str] | None = None
+    procs: Procs, name: str, config: Path, port: int, cpus: str | int | None, env: dict[str, str] | None = None
 ) -> Proc:
     root = gateway_root()
     pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
@@ -367,7 +407,8 @@ def machine() -> dict[str, str]:
 
 @dataclass
 class Backends:
-    """What the gateway under test talks to, on core 0: the nginx stub and (with quotas) Redis."""
+    """What the gateway under test talks to, on the layout's REST CPUs: the nginx stub and (with
+    quotas) Redis."""
 
     stub: Proc
     stub_port: int
@@ -380,9 +421,9 @@ def start_backends(procs: Procs, workdir: Path, stub_conf: Callable[[int], Path]
     redis, redis_port = None, None
     if quotas:
         redis_port = free_port()
-        redis = procs.start("redis", pin("0", redis_argv(redis_port)), port=redis_port)
+        redis = procs.start("redis", pin(REST, redis_argv(redis_port)), port=redis_port)
     stub_port = free_port()
     nginx = which("nginx") or "nginx"
-    stub = procs.start("stub", pin("0", [nginx, "-c", str(stub_conf(stub_port)), "-p", str(workdir)]),
+    stub = procs.start("stub", pin(REST, [nginx, "-c", str(stub_conf(stub_port)), "-p", str(workdir)]),
                        port=stub_port)
     return Backends(stub, stub_port, redis, redis_port)

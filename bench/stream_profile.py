@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import stub
 from memory import StreamClient
-from procs import GATEWAY_ENV, ROOT, Procs, free_port, gateway_argv, pin, start_backends, which
+from procs import GATEWAY_ENV, ROOT, Procs, free_port, gateway_argv, layout, pin, start_backends, which
 
 # Runs in the gateway process: tracemalloc from the first import, a dump on SIGUSR1.
 _GATEWAY_MAIN = """
@@ -140,7 +140,8 @@ def main() -> int:
         argv = [argv[0], "-c", _GATEWAY_MAIN, *argv[3:]]
         env = {**GATEWAY_ENV, "PYTHONPATH": str(ROOT), "PROFILE_OUT": str(workdir),
                "PROFILE_FRAMES": str(a.frames)}
-        gw = procs.start("gateway", pin("1", argv), env, port, wait=30.0, stop_signal=signal.SIGINT)
+        gw = procs.start("gateway", pin(layout().gateway, argv), env, port, wait=30.0,
+                         stop_signal=signal.SIGINT)
         warm = loadgen.post_script(workdir, "warm", stub.request_body(stub.MODEL, False),
                                    stub.HEADERS)
         loadgen.run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", warm, 2, 16)

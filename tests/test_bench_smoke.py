@@ -8,6 +8,7 @@ only that every case ran and answered without errors, never a speed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -54,3 +55,21 @@ def test_bench_smoke_runs_every_case() -> None:
     assert measures["gateway"]["json"]["cpu_us_sat"] > 0
     assert data["scaling"]["json_direct"]["rps"] > 0
     assert "| metric |" in (out / "results.md").read_text()
+
+
+def test_on_more_than_two_cores_the_gateways_get_two_to_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 2-core machine cannot measure the two-process target (bench/README.md): the load
+    # generators, the stub and Redis share the gateways' cores. Where there are more, they do not.
+    spec = importlib.util.spec_from_file_location("bench_procs", ROOT / "bench" / "procs.py")
+    assert spec is not None and spec.loader is not None
+    procs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, procs)  # its dataclasses look themselves up there
+    spec.loader.exec_module(procs)
+    two = procs.layout([0, 1])
+    assert (two.gateway, two.second_gateway, two.rest, two.shared) == (1, 0, (0,), True)
+    assert two.awake_order() == [1, 0]
+    many = procs.layout(range(16))
+    assert (many.gateway, many.second_gateway, many.rest, many.shared) == (1, 0, tuple(range(2, 16)), False)
+    assert many.awake_order() == [1, 0, *range(2, 16)]
+    offset = procs.layout([6, 4, 5])  # a container's CPUs need not start at 0
+    assert (offset.gateway, offset.second_gateway, offset.rest) == (5, 4, (6,))
