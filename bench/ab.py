@@ -6,7 +6,7 @@
 To record what a hot-path change buys: copy the tree, change it, and compare.
 Each round measures A then B (then B then A in the next round, so drift and
 neighbours' load hit both alike): saturation requests/s (wrk, -c 32, from
-core 0) and CPU µs per request of the gateway process (pinned to core 1),
+the others' core) and CPU µs per request of the gateway process (on a core of its own),
 non-streamed and streamed. Prints the medians and B's change against A.
 With ``--rate``, each round also measures latency at that constant rate (k6,
 open loop): p50 and p99 of the whole answer, medians over the rounds.

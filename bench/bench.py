@@ -125,8 +125,8 @@ class Measure:
     rate_failed: int = 0
     rate_dropped: int = 0
     rss_mib: float = 0.0
-    foreign_core1_sat: float = 0.0  # share of core 1 busy with processes not under test
-    foreign_core1_rate: float = 0.0
+    foreign_gateway_core_sat: float = 0.0  # share of the gateway's core busy with processes not under test
+    foreign_gateway_core_rate: float = 0.0
     redis: dict[str, float] = field(default_factory=dict)
 
 
@@ -191,13 +191,14 @@ def saturate(s: Settings, t: Target, kind: str, script: Path, m: Measure) -> Non
     cpu0, busy0, wall0 = cpu_seconds(pids), core_busy_seconds(s.cores.gateway), time.monotonic()
     r = loadgen.run_wrk(t.url(kind), script, s.saturate_s, s.connections)
     cpu = cpu_seconds(pids) - cpu0
-    m.foreign_core1_sat = max(0.0, (core_busy_seconds(s.cores.gateway) - busy0 - cpu) / (time.monotonic() - wall0))
+    busy = core_busy_seconds(s.cores.gateway) - busy0
+    m.foreign_gateway_core_sat = max(0.0, (busy - cpu) / (time.monotonic() - wall0))
     m.rps, m.requests, m.errors = r.rps, r.requests, r.errors
     m.cpu_us_sat = cpu * 1e6 / r.requests if r.requests else 0.0
     m.rss_mib = rss_bytes(pids) / 2**20
     log(
         f"  {t.name:8} {kind:6} saturation {r.rps:9.0f} req/s  cpu {m.cpu_us_sat:7.1f} µs/req  "
-        f"errors {r.errors}  core-1 foreign {100 * m.foreign_core1_sat:.0f}%"
+        f"errors {r.errors}  gateway's core foreign {100 * m.foreign_gateway_core_sat:.0f}%"
     )
 
 
@@ -212,7 +213,7 @@ def constant_rate(s: Settings, workdir: Path, t: Target, kind: str, m: Measure, 
     cpu = cpu_seconds(pids) - cpu0
     spun = cpu_seconds(spinners[:1]) - spun0
     busy = core_busy_seconds(s.cores.gateway) - busy0
-    m.foreign_core1_rate = max(0.0, (busy - cpu - spun) / (time.monotonic() - wall0))
+    m.foreign_gateway_core_rate = max(0.0, (busy - cpu - spun) / (time.monotonic() - wall0))
     m.cpu_us_rate = cpu * 1e6 / r.requests if r.requests else 0.0
     m.p50_ms, m.p99_ms, m.ttfb_p50_ms, m.ttfb_p99_ms = r.p50_ms, r.p99_ms, r.ttfb_p50_ms, r.ttfb_p99_ms
     m.rate_requests, m.rate_failed, m.rate_dropped = r.requests, r.failed, r.dropped
@@ -226,7 +227,7 @@ def constant_rate(s: Settings, workdir: Path, t: Target, kind: str, m: Measure, 
         f"  {t.name:8} {kind:6} @{s.rate}/s{' awake' if spinners else ''} "
         f"p50 {r.p50_ms:6.2f} ms p99 {r.p99_ms:6.2f} ms  "
         f"ttfb p50 {r.ttfb_p50_ms:6.2f} p99 {r.ttfb_p99_ms:6.2f}  cpu {m.cpu_us_rate:7.1f} µs/req  "
-        f"failed {r.failed} dropped {r.dropped}  core-1 foreign {100 * m.foreign_core1_rate:.0f}%"
+        f"failed {r.failed} dropped {r.dropped}  gateway's core foreign {100 * m.foreign_gateway_core_rate:.0f}%"
     )
 
 
@@ -250,7 +251,7 @@ def scaling(
     puts on the ratio where they share the cores, and the share of the gateways' two cores that
     went to processes outside the benchmark. Full mode keeps the better of two rounds."""
     cores = s.cores
-    gateway_cores = (cores.gateway, cores.second_gateway)
+    gateway_cores = sorted({cores.gateway, cores.second_gateway})
     # On two cores every process may use both (the kernel balances them); on more, the rest's.
     others: str | None = None if cores.shared else REST
     port_a = free_port()
@@ -280,15 +281,15 @@ def scaling(
             each = {name: cpu_seconds(ps) - env0[name] for name, ps in env.items()}
             each["wrk"] = _children_cpu() - kids0
             ours = cpu + sum(each.values()) if cores.shared else cpu  # on the gateways' cores
-            foreign = max(0.0, sum(map(core_busy_seconds, gateway_cores)) - busy0 - ours) / (2 * wall)
+            foreign = max(0.0, sum(map(core_busy_seconds, gateway_cores)) - busy0 - ours) / (len(gateway_cores) * wall)
             total = sum(r.rps for r in results)
             requests = sum(r.requests for r in results)
             cpu_us = cpu * 1e6 / requests if requests else 0.0
             # wrk, the stub and Redis on the same two cores: per request they cost `others_us`, so
             # two cores can serve at most 2 s / (gateway + others) per second, whatever the gateway.
             others_us = sum(each.values()) * 1e6 / requests if requests else 0.0
-            sharing_us = others_us if cores.shared else 0.0
-            ceiling = 2e6 / (cpu_us + sharing_us) if cpu_us + sharing_us else 0.0
+            # Where they run on cores of their own there is no such ceiling (0: none).
+            ceiling = 2e6 / (cpu_us + others_us) if cores.shared and cpu_us + others_us else 0.0
             round_ = {
                 "rps": total,
                 "ratio": total / one[kind].rps if one[kind].rps else 0.0,
@@ -307,7 +308,8 @@ def scaling(
                 f"gateways used {round_['gateway_cores']:.2f} cores at {cpu_us:.0f} µs/req "
                 f"(projects {round_['projected_ratio']:.2f}×); wrk+stub+Redis {others_us:.0f} µs/req "
                 f"({_split(round_['others_each_us'])}) "
-                f"(ceiling {round_['ceiling_ratio']:.2f}×); others {100 * foreign:.0f}% of 2 cores"
+                + (f"(ceiling {round_['ceiling_ratio']:.2f}×)" if cores.shared else "on cores of their own")
+                + f"; others {100 * foreign:.0f}% of the gateways' cores"
             )
             if not best or total > best["rps"]:
                 best = round_
@@ -487,7 +489,7 @@ def build_table(
             goal = (f"≤ {limit:.0f}", vg <= limit, vg) if limit is not None else ()
             add(f"{label}: CPU µs/req {when}", _f(vd, 1), _f(vh, 1), _f(vg, 1), ratio(vg, vd), ratio(vg, vh), *goal)
 
-    cpu(res, "cpu_us_sat", "at saturation (core-1 process)", 300)
+    cpu(res, "cpu_us_sat", "at saturation (the gateway's core)", 300)
 
     def at_rate(rs: dict[str, dict[str, Measure]], how: str) -> None:
         rd, rh, rg = rs["direct"], rs["hop"], rs["gateway"]
@@ -579,10 +581,10 @@ def build_table(
             )
     else:
         add("Redis round trips per request", "–", "–", "quotas off", "–", "–")
-    foreign = max(max(m.foreign_core1_sat, m.foreign_core1_rate)
+    foreign = max(max(m.foreign_gateway_core_sat, m.foreign_gateway_core_rate)
                   for rs in (res, awake) for t in rs.values() for m in t.values())
     add(
-        "noise: most of core 1 busy outside the process under test in any run (other processes, irq)",
+        "noise: most of the gateway's core busy outside the process under test in any run (other processes, irq)",
         "",
         "",
         f"{100 * foreign:.0f}%",

@@ -5,7 +5,7 @@
 1. Slow streams. An nginx stub drips a 21-event stream at a few hundred bytes
    per second (``limit_rate``), so every stream stays open for tens of seconds
    with an event arriving about every second. A client in this process opens
-   ``--streams`` of them through the gateway (pinned to core 1) in steps; after
+   ``--streams`` of them through the gateway (on a core of its own) in steps; after
    each step, once every stream has its headers, the gateway's RSS and open
    file descriptors are read. The slope of RSS against open streams is the
    memory per open idle stream. Then the client drops every connection

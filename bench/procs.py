@@ -77,13 +77,29 @@ class Layout:
         return [self.gateway, *sorted({self.second_gateway, *self.rest} - {self.gateway})]
 
 
-def layout(cpus: Sequence[int] | None = None) -> Layout:
-    """The layout for these CPUs (default: those this process may run on)."""
+def physical_core(cpu: int) -> tuple[str, str]:
+    """(package, core) of a CPU, from /sys: the hyperthreads of one core share it."""
+    topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return (topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()
+    except OSError:
+        return "", str(cpu)
+
+
+def layout(cpus: Sequence[int] | None = None,
+           core_of: Callable[[int], tuple[str, str]] = physical_core) -> Layout:
+    """The layout for these CPUs (default: those this process may run on). The two gateways go
+    on two physical cores where there are two (two hyperthreads of one core would measure one
+    core), and the rest keeps off their hyperthreads where other CPUs are left."""
     ids = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    first = ids[0]
     if len(ids) < 2:  # nothing is pinned (pin() leaves argv alone)
-        return Layout(ids[0], ids[0], (ids[0],))
-    first, second = ids[0], ids[1]
-    return Layout(second, first, tuple(ids[2:]) or (first,))
+        return Layout(first, first, (first,))
+    second = next((c for c in ids[1:] if core_of(c) != core_of(first)), ids[1])
+    taken = {core_of(first), core_of(second)}
+    others = [c for c in ids if c not in (first, second)]
+    apart = [c for c in others if core_of(c) not in taken]
+    return Layout(second, first, tuple(apart or others) or (first,))
 
 
 # pin()'s name for the CPUs of everything but the gateways: Layout.rest.

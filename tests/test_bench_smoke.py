@@ -73,3 +73,11 @@ def test_on_more_than_two_cores_the_gateways_get_two_to_themselves(monkeypatch: 
     assert many.awake_order() == [1, 0, *range(2, 16)]
     offset = procs.layout([6, 4, 5])  # a container's CPUs need not start at 0
     assert (offset.gateway, offset.second_gateway, offset.rest) == (5, 4, (6,))
+    # Hyperthreads: the gateways go on two physical cores, the rest off their siblings.
+    paired = procs.layout(range(8), lambda cpu: ("0", str(cpu // 2)))  # siblings 0-1, 2-3, ...
+    assert (paired.gateway, paired.second_gateway, paired.rest) == (2, 0, (4, 5, 6, 7))
+    assert paired.awake_order() == [2, 0, 4, 5, 6, 7]
+    apart = procs.layout(range(8), lambda cpu: ("0", str(cpu % 4)))  # siblings 0-4, 1-5, ...
+    assert (apart.gateway, apart.second_gateway, apart.rest) == (1, 0, (2, 3, 6, 7))
+    one_core = procs.layout([0, 1], lambda cpu: ("0", "0"))  # two threads of one core: all there is
+    assert (one_core.gateway, one_core.second_gateway, one_core.rest) == (1, 0, (0,))
