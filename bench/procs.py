@@ -73,7 +73,8 @@ class Layout:
         return self.second_gateway in self.rest
 
     def awake_order(self) -> list[int]:
-        """Every CPU, the gateway's first."""
+        """The CPUs of the layout, the gateway's first (not the gateways' hyperthreads, whose
+        spinners would take from the gateways' cores)."""
         return [self.gateway, *sorted({self.second_gateway, *self.rest} - {self.gateway})]
 
 
