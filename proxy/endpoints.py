@@ -31,6 +31,7 @@ from .errors import (
     ProxyError,
     RateLimitError,
     RequestTimeoutError,
+    ServerShuttingDownError,
     UpstreamStreamError,
 )
 from .forwarding import Forwarded, Route
@@ -130,8 +131,8 @@ class ChatCompletions:
                 del request, route
                 if stream and forwarded.response.status < 400:
                     timeouts = forwarded.candidate.upstream.config.timeout
-                    waits = StreamWaits(watchdog, watch, timeouts.idle, timeouts.total)
-                    await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
+                    with StreamWaits(gw.streams, watchdog, watch, timeouts.idle, timeouts.total) as waits:
+                        await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
                 else:
                     await self._relay_body(send, prompt_tokens, forwarded, record, watch)
         finally:
@@ -178,17 +179,21 @@ class ChatCompletions:
                 raise UpstreamStreamError("The upstream ended the stream before it was complete.",
                                           code="upstream_stream_cut")
         except ProxyError as exc:
-            tail = relay.leftover() + self._stream_broken(exc, record)
+            tail = relay.leftover() + self._stream_broken(exc, fwd, record)
         finally:
             record.prompt_tokens, record.completion_tokens = _stream_usage(relay, prompt_tokens)
         # Not marked finishing before this send: the tail carries data, and a client that leaves
         # while it waits on a slow reader abandoned the stream (499).
         await waits.write(send, {"type": "http.response.body", "body": tail})
 
-    def _stream_broken(self, exc: ProxyError, record: RequestRecord) -> bytes:
+    def _stream_broken(self, exc: ProxyError, fwd: Forwarded, record: RequestRecord) -> bytes:
         """The error event (no ``[DONE]``) that ends a stream that cannot go on; the record of why."""
-        record.status = 502
-        code = exc.code if isinstance(exc, UpstreamStreamError) and exc.code else "upstream_stream_error"
+        if isinstance(exc, ServerShuttingDownError):
+            record.status, code = exc.status, exc.code or "server_shutting_down"
+            fwd.finish(ok=True, now=time.monotonic())  # the upstream did not fail
+        else:
+            record.status = 502
+            code = exc.code if isinstance(exc, UpstreamStreamError) and exc.code else "upstream_stream_error"
         record.error_code = code
         self.gateway.telemetry.metrics.stream_error(code)
         return error_event(exc.message, code)

@@ -46,7 +46,7 @@ QUOTA_LIMITS = ("rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month
 RELOAD_OUTCOMES = ("ok", "error")
 # How a stream ended after its first byte without its [DONE]; the code its error event and access log carry.
 STREAM_ERROR_CODES = ("upstream_stream_cut", "upstream_stream_error", "upstream_idle_timeout",
-                      "upstream_total_timeout", "client_write_timeout")
+                      "upstream_total_timeout", "client_write_timeout", "server_shutting_down")
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
