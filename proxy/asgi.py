@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, MutableMapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .errors import Header, InvalidRequestError, ProxyError, RequestTooLargeError
 
@@ -18,17 +18,23 @@ Send = Any  # Callable[[Message], Awaitable[None]]
 DISCONNECT_HOOK = "llm_proxy.on_disconnect"
 
 
+class Abortable(Protocol):
+    def abort_connection(self) -> None: ...
+
+
 class DisconnectSignal:
     """A connection's report of its own loss, offered to the application as an ASGI extension
     at ``scope["extensions"][DISCONNECT_HOOK]`` by the gateway's HTTP protocol
     (``http_protocol.py``), which calls ``fire`` when the connection is lost. The scope holds
     this, not the protocol: a scope holding the protocol would make a reference cycle that only
-    the garbage collector frees."""
+    the garbage collector frees. (The ``connection`` it may hold is the protocol, but only until
+    the connection is lost, which breaks that cycle.)"""
 
-    __slots__ = ("_callback", "_lost")
+    __slots__ = ("_callback", "_connection", "_lost")
 
-    def __init__(self) -> None:
+    def __init__(self, connection: Abortable | None = None) -> None:
         self._callback: Callable[[], None] | None = None
+        self._connection = connection
         self._lost = False
 
     def watch(self, callback: Callable[[], None]) -> bool:
@@ -44,8 +50,14 @@ class DisconnectSignal:
         if self._callback == callback:
             self._callback = None
 
+    def abort(self) -> None:
+        """Drop the connection now, with whatever is still buffered for the client."""
+        if self._connection is not None:
+            self._connection.abort_connection()
+
     def fire(self) -> None:
         self._lost = True
+        self._connection = None
         callback, self._callback = self._callback, None
         if callback is not None:
             callback()
@@ -53,6 +65,15 @@ class DisconnectSignal:
 
 class ClientGone(Exception):
     """The client disconnected before the answer was complete."""
+
+    code = "client_closed_request"
+
+
+class ClientTooSlow(ClientGone):
+    """The client stopped reading: a write to it did not go out in time, and the gateway dropped
+    the connection."""
+
+    code = "client_write_timeout"
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -159,6 +180,13 @@ class DisconnectWatch:
             self._task.uncancel()
             raise ClientGone from None
         return False
+
+    def abort(self) -> None:
+        """Drop the connection (a client that does not read its answer). Under another server
+        than the gateway's own this cannot be done; that server closes it once the request ends."""
+        self.finishing = True  # the loss that follows is the gateway's doing, not the client's
+        if self._hook is not None:
+            self._hook.abort()
 
     async def _watch(self) -> None:
         receive = self._receive

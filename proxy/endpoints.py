@@ -13,13 +13,25 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body, send_bytes, send_error
+from .asgi import (
+    ClientGone,
+    ClientTooSlow,
+    DisconnectWatch,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_bytes,
+    send_error,
+)
 from .errors import (
     AuthenticationError,
     Header,
     ProxyError,
     RateLimitError,
     RequestTimeoutError,
+    ServerShuttingDownError,
     UpstreamStreamError,
 )
 from .forwarding import Forwarded, Route
@@ -27,6 +39,7 @@ from .gateway import Gateway, Runtime
 from .keys import KeyPolicy
 from .mock import models_body
 from .schema import ChatRequest, parse_chat_request
+from .stream_waits import StreamWaits
 from .streaming import SseRelay, error_event
 from .tracing import RequestSpan
 from .watchdog import Watchdog
@@ -76,8 +89,10 @@ class ChatCompletions:
                 if isinstance(exc, RateLimitError) and exc.limit:
                     tel.metrics.quota_rejected(exc.limit, record.team, record.key_name)
                 await send_error(send, exc, record.headers)
-            except ClientGone:
-                record.status, record.error_code = 499, "client_closed_request"
+            except ClientGone as gone:
+                record.status, record.error_code = 499, gone.code
+                if isinstance(gone, ClientTooSlow):
+                    tel.metrics.stream_error(gone.code)
             finally:
                 watchdog.close()
                 _observe(self.gateway, scope, record, span)
@@ -115,8 +130,9 @@ class ChatCompletions:
                 stream, strip_usage, prompt_tokens = request.stream, not request.include_usage, request.prompt_tokens
                 del request, route
                 if stream and forwarded.response.status < 400:
-                    await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, watch,
-                                             watchdog)
+                    timeouts = forwarded.candidate.upstream.config.timeout
+                    with StreamWaits(gw.streams, watchdog, watch, timeouts.idle, timeouts.total) as waits:
+                        await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
                 else:
                     await self._relay_body(send, prompt_tokens, forwarded, record, watch)
         finally:
@@ -135,18 +151,16 @@ class ChatCompletions:
         await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
 
     async def _relay_stream(self, send: Send, strip_usage: bool, prompt_tokens: int, fwd: Forwarded,
-                            record: RequestRecord, watch: DisconnectWatch, watchdog: Watchdog) -> None:
+                            record: RequestRecord, waits: StreamWaits) -> None:
         """Relay the events as they come. A stream waits in here for its whole life, so the relay
-        and its waits for the upstream are one frame, and nothing is kept that was sent already
-        (the first chunk, the answer's headers)."""
+        and its waits are one frame, and nothing is kept that was sent already (the first chunk,
+        the answer's headers). Every wait, for the upstream or for the client to take a write, is
+        bounded (``stream_waits.py``)."""
         relay = SseRelay(strip_usage=strip_usage)
         record.status = 200
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*_SSE_HEADERS, *record.headers, *_upstream_header(fwd)]})
+        await waits.write(send, {"type": "http.response.start", "status": 200,
+                                 "headers": [*_SSE_HEADERS, *record.headers, *_upstream_header(fwd)]})
         record.headers.clear()  # sent: no other answer can start now
-        timeouts = fwd.candidate.upstream.config.timeout
-        idle = timeouts.idle
-        deadline = watchdog.time() + timeouts.total
         response = fwd.response
         chunk, fwd.first = fwd.first, b""
         tail = b""  # leaves with the end of the body: one write, not two
@@ -157,33 +171,32 @@ class ChatCompletions:
                     tail = out
                     break
                 if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    await waits.write(send, {"type": "http.response.body", "body": out, "more_body": True})
                     out = b""
-                # Only the waits for the upstream count, not the sends to a slow client.
-                chunk = b""
-                watchdog.expire_at(min(watchdog.time() + idle, deadline))
-                try:
-                    chunk = await response.read_chunk()
-                except asyncio.CancelledError:
-                    if watchdog.expired():
-                        raise UpstreamStreamError(
-                            "The upstream stopped sending for too long; the stream was ended.",
-                            code="upstream_idle_timeout") from None
-                    raise
-                finally:
-                    watchdog.clear()
+                chunk = b""  # not kept while the next one is awaited
+                chunk = await waits.read(response)
             else:
                 raise UpstreamStreamError("The upstream ended the stream before it was complete.",
                                           code="upstream_stream_cut")
         except ProxyError as exc:
-            record.status = 502
-            code = exc.code if isinstance(exc, UpstreamStreamError) else "upstream_stream_error"
-            tail = relay.leftover() + error_event(exc.message, code or "upstream_stream_error")
+            tail = relay.leftover() + self._stream_broken(exc, fwd, record)
         finally:
             record.prompt_tokens, record.completion_tokens = _stream_usage(relay, prompt_tokens)
         # Not marked finishing before this send: the tail carries data, and a client that leaves
         # while it waits on a slow reader abandoned the stream (499).
-        await send({"type": "http.response.body", "body": tail})
+        await waits.write(send, {"type": "http.response.body", "body": tail})
+
+    def _stream_broken(self, exc: ProxyError, fwd: Forwarded, record: RequestRecord) -> bytes:
+        """The error event (no ``[DONE]``) that ends a stream that cannot go on; the record of why."""
+        if isinstance(exc, ServerShuttingDownError):
+            record.status, code = exc.status, exc.code or "server_shutting_down"
+            fwd.finish(ok=True, now=time.monotonic())  # the upstream did not fail
+        else:
+            record.status = 502
+            code = exc.code if isinstance(exc, UpstreamStreamError) and exc.code else "upstream_stream_error"
+        record.error_code = code
+        self.gateway.telemetry.metrics.stream_error(code)
+        return error_event(exc.message, code)
 
 
 def _observe(gw: Gateway, scope: Scope, record: RequestRecord, span: RequestSpan) -> None:

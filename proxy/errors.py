@@ -154,6 +154,12 @@ class ServiceUnavailableError(ProxyError):
     code = "service_unavailable"
 
 
+class ServerShuttingDownError(ServiceUnavailableError):
+    """The gateway is shutting down and its grace for open streams ran out."""
+
+    code = "server_shutting_down"
+
+
 class UpstreamTimeoutError(ProxyError):
     status = 504
     type = "server_error"

@@ -24,6 +24,7 @@ from .keys import Authenticator, StaticKeys
 from .pool import Pool, make_selector
 from .quotas import QuotaService
 from .retry_budget import RetryBudget
+from .stream_waits import OpenStreams
 from .telemetry import Pricing, Telemetry
 from .transport import Transport
 
@@ -56,6 +57,7 @@ class Gateway:
         self.auth_guard = AuthFailureGuard()
         self._retired: set[Transport] = set()
         self._closers: set[asyncio.Task[None]] = set()
+        self.streams = OpenStreams()  # for the shutdown, which ends those still open at its grace's end
 
     def _build(self, config: Config, old: Runtime | None) -> Runtime:
         pool = Pool(config, make_selector(config.routing.strategy), config.health,

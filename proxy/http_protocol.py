@@ -29,7 +29,8 @@ request only when its headers arrive in more than one read.
 
 It also tells the application at once when the connection is lost
 (``asgi.DisconnectSignal``), so a request need not keep a task waiting on
-``receive()`` for ``http.disconnect`` to learn that its client went away.
+``receive()`` for ``http.disconnect`` to learn that its client went away, and
+lets it reset a connection whose client stopped reading its answer.
 
 A connection lives as long as the stream it carries, so it keeps little: its
 own attributes are slots (past 30 attributes an instance dictionary is no
@@ -40,6 +41,9 @@ events keep their waiters in lists (a deque takes 760 bytes when created).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Any
 
 import httptools
@@ -52,6 +56,7 @@ from .batched_writes import BatchedTransport
 from .errors import ProxyError, RequestHeaderFieldsTooLargeError, RequestTimeoutError
 
 LINGER_SECONDS = 2.0
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: a close sends RST and drops unsent bytes
 
 
 class _Refused(Exception):
@@ -96,7 +101,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_slack = 0  # the read the block began in: with _head_bytes, no less than its size
         self._done = False  # refused: nothing more is parsed here
         self._deadline: asyncio.TimerHandle | None = None  # the header timeout, or the linger after a refusal
-        self._disconnect = DisconnectSignal()  # DISCONNECT_HOOK of every request on this connection
+        self._disconnect = DisconnectSignal(self)  # DISCONNECT_HOOK of every request on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # A response's head and body leave in one send, and a stream's events of one loop pass too.
@@ -173,6 +178,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not before:  # a new request (not an upgrade): its event, not yet awaited
             self.cycle.message_event = _Event()
+
+    def abort_connection(self) -> None:
+        """The application gives up on a client that does not read its answer
+        (``DisconnectSignal.abort``): the connection is reset, and what is buffered for it is
+        dropped rather than left for the kernel to keep sending."""
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # its sends return at once; the answer stays unfinished
+        sock = self._out.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        self._out.abort()
 
     def _parsed_size(self) -> int:
         """The request line and headers as parsed: their size, give or take optional spaces."""

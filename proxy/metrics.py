@@ -44,6 +44,9 @@ UPSTREAM_STATES = ("healthy", "cooling_down", "ejected", "half_open", "credentia
 ATTEMPT_OUTCOMES = ("ok", "429", "5xx", "4xx", "timeout", "connect_error", "auth_error", "cut")
 QUOTA_LIMITS = ("rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month")
 RELOAD_OUTCOMES = ("ok", "error")
+# How a stream ended after its first byte without its [DONE]; the code its error event and access log carry.
+STREAM_ERROR_CODES = ("upstream_stream_cut", "upstream_stream_error", "upstream_idle_timeout",
+                      "upstream_total_timeout", "client_write_timeout", "server_shutting_down")
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
@@ -108,6 +111,8 @@ class Metrics:
         self._create(self.registry)
         for outcome in RELOAD_OUTCOMES:  # so that increase() sees the first error
             self._reloads(outcome)
+        for code in STREAM_ERROR_CODES:
+            self._stream_errors(code)
         self._reload_ok.set(1)  # the gateway does not start on a bad config
 
     def _exposition_registry(self, multiprocess_dir: str | None) -> CollectorRegistry:
@@ -137,6 +142,8 @@ class Metrics:
                                ("model", "team", "key_name", "kind"), registry=r)
         self._cost = Counter(p + "cost_usd", "Estimated cost from the configured per-model prices.",
                              ("model", "team", "key_name"), registry=r)
+        self._stream_errors = _Bound(Counter(p + "stream_errors", "Streams ended after their first byte "
+                                             "without their end, by the error code.", ("code",), registry=r))
         self._create_upstream(r, p)
         self._create_quota(r, p)
 
@@ -187,6 +194,10 @@ class Metrics:
 
     def request_started(self) -> None:
         self._in_flight.inc()
+
+    def stream_error(self, code: str) -> None:
+        """A stream ended after its first byte without its end (``code``: one of STREAM_ERROR_CODES)."""
+        self._stream_errors(code).inc()
 
     def request_finished(self, *, model: str, upstream: str, team: str, key_name: str, status: int,
                          duration: float, ttft: float | None, overhead: float | None,

@@ -1,7 +1,8 @@
 """One timer per request for all its deadlines (bench/README.md, #4).
 
 A request goes through phases that each have a deadline: reading its body,
-each upstream attempt, each wait for the next chunk of a stream. An
+each upstream attempt, each wait for the next chunk of a stream and for the
+client to take each write of it. An
 ``asyncio.timeout`` per phase creates and cancels a timer handle each time (a
 stream paid one per chunk). A ``Watchdog`` keeps one handle for the whole
 request: a phase sets its deadline (a float) and clears it when done, and the

@@ -18,7 +18,10 @@ Behaviours (``stub.behave(mode, **options)`` for all requests, or
   cut_body (the connection drops half-way through the body, or half-way
   through event ``after`` of a stream), wrong_type (a stream answered as one
   JSON body, a plain request answered as an event stream), garbage_sse (200
-  text/event-stream of bytes that are no SSE at all).
+  text/event-stream of bytes that are no SSE at all), endless (stream:
+  content events that never end, ``delay`` between them and ``size``
+  characters of text in each, until the gateway goes away; a test's bound,
+  ``seconds`` and ``max_bytes``, then cuts it).
 
 ``stub.response_headers`` are added to every chat answer (e.g. the headers a
 provider uses to name its account: ``openai-organization``, ``set-cookie``).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +199,8 @@ async def _answer(stub: StubUpstream, request: web.Request, body: dict[str, Any]
         await asyncio.sleep(3600)
     if not body.get("stream"):
         return _raw(seen, mock.completion_body(plan), "application/json")
+    if b.mode == "endless":
+        return await _endless(request, body, opts, plan)
     return await _stream(request, body, b, plan, seen)
 
 
@@ -228,6 +234,28 @@ async def _stream(request: web.Request, body: dict[str, Any], b: Behaviour, plan
         seen.sent += event  # first: the client may have it all before write() returns here
         await resp.write(event)
     await resp.write_eof()
+    return resp
+
+
+async def _endless(request: web.Request, body: dict[str, Any], opts: dict[str, Any],
+                   plan: mock.Completion) -> web.StreamResponse:
+    """Content events with no last one. What was sent is not recorded: it can be many megabytes."""
+    extra: dict[str, Any] = {"usage": None} if (body.get("stream_options") or {}).get("include_usage") else {}
+    event = b"data: " + orjson.dumps({
+        "id": plan.id, "object": "chat.completion.chunk", "created": plan.created, "model": plan.model,
+        "choices": [{"index": 0, "delta": {"content": "x" * opts.get("size", 8)}, "logprobs": None,
+                     "finish_reason": None}], **extra}) + b"\n\n"
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    delay = opts.get("delay", 0.0)
+    stop_at = time.monotonic() + opts.get("seconds", 60.0)
+    sent, max_bytes = 0, opts.get("max_bytes", 256 * 1024 * 1024)
+    while time.monotonic() < stop_at and sent < max_bytes:
+        await resp.write(event)
+        sent += len(event)
+        await asyncio.sleep(delay)
+    assert request.transport is not None
+    request.transport.close()
     return resp
 
 
