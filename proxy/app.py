@@ -44,7 +44,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     """The ASGI app. With ``config_path``, the file is watched and reloaded on change or SIGHUP."""
     log = logger or logging.getLogger("llm_proxy")
     tel = telemetry or Telemetry.build(TelemetryConfig())
-    issued = build_issued_keys(config, logger=log)
+    issued = build_issued_keys(config, events=tel.metrics, logger=log)
     gateway = Gateway(config, quotas or build_quota_service(config, tel.metrics, log), tel,
                       make_auth=lambda static: Authenticator(static, issued), logger=log)
     background = _Background(gateway, log, config_path, BudgetGauges(gateway.quotas, tel.metrics, issued))

@@ -8,6 +8,7 @@ found is reported with its path (``upstreams[2].timeout.first_byte: must be >
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -354,8 +355,8 @@ def _team(r: Reader, raw: Any, path: str) -> TeamConfig | None:
 
 
 def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
-    d = r.mapping(raw, path, {"on_store_error", "default_max_tokens", "store_timeout", "lease_ttl"},
-                  optional=True) or {}
+    d = r.mapping(raw, path, {"on_store_error", "default_max_tokens", "store_timeout", "lease_ttl",
+                              "key_directory_max_age"}, optional=True) or {}
     dflt = QuotasConfig()
     return QuotasConfig(
         on_store_error=r.choice(d.get("on_store_error", dflt.on_store_error),
@@ -366,7 +367,16 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
         store_timeout=r.number(d.get("store_timeout", dflt.store_timeout), f"{path}.store_timeout",
                                minimum=0, exclusive=True),
         lease_ttl=r.number(d.get("lease_ttl", dflt.lease_ttl), f"{path}.lease_ttl", minimum=1),
+        key_directory_max_age=_finite(r, r.number(d.get("key_directory_max_age", dflt.key_directory_max_age),
+                                                  f"{path}.key_directory_max_age", minimum=0, exclusive=True),
+                                      f"{path}.key_directory_max_age"),
     )
+
+
+def _finite(r: Reader, value: float, path: str) -> float:
+    if not math.isfinite(value):
+        r.problem(path, "must be a finite number of seconds")
+    return value
 
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:

@@ -126,6 +126,9 @@ class QuotasConfig:
     default_max_tokens: int = 4096  # estimate when a request sets no max_tokens
     store_timeout: float = 0.25  # seconds for any one store call
     lease_ttl: float = 900.0  # a concurrency lease expires after this if never released
+    # Issued keys whose copy on this replica was not confirmed against the directory (Redis)
+    # for longer than this follow on_store_error: a revocation this replica missed ends here.
+    key_directory_max_age: float = 30.0
 
 
 @dataclass(frozen=True)

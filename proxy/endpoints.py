@@ -323,7 +323,7 @@ class Probe:
         if not self.readiness:
             await send_bytes(send, 200, b'{"status":"ok"}', _JSON)
             return
-        checks = self.gateway.ready()
+        checks = await self.gateway.ready()
         ok = all(checks.values())
         body = orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks})
         await send_bytes(send, 200 if ok else 503, body, _JSON)

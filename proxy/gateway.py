@@ -116,11 +116,11 @@ class Gateway:
             })
         return views
 
-    def ready(self) -> dict[str, bool]:
+    async def ready(self) -> dict[str, bool]:
         return {
             "config_loaded": True,
             "upstream_available": self.runtime.pool.any_available(time.monotonic()),
-            "quota_store": self.quotas.ready(),
+            "quota_store": await self.quotas.check_ready(),
             "accepting": not self.draining,
         }
 

@@ -8,6 +8,14 @@ replica within milliseconds) and reloaded in full every ``refresh_interval``
 as a safety net for a missed message. Records carry a revision, so an older
 snapshot never overwrites a newer change.
 
+A replica that cannot reach the directory cannot learn of a revocation. So the
+copy counts as current only as of its last confirmation (a full load, or an
+answered PING on the change channel: see ``RedisDirectory.changes``); once
+that is older than ``quotas.key_directory_max_age``, issued keys follow
+``quotas.on_store_error``: ``fail_closed`` refuses them with a 503,
+``fail_open`` serves them, logs and counts. Static keys are not affected (the
+config is their truth), nor is a copy kept in process memory (it is the truth).
+
 Secrets look like ``sk-<id>-<random>``; rotating one keeps the previous secret
 working for an overlap period, then only the new one works.
 """
@@ -18,20 +26,24 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from .config import Config, Limits, TeamConfig, utc_now
+from .config import Config, Limits, StoreErrorMode, TeamConfig, utc_now
 from .errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from .keys import KeyPolicy, hash_key
-from .store import Directory, MemoryDirectory
+from .store import Directory, Live, MemoryDirectory
 from .store_redis import RedisDirectory, connect
 
+UNCONFIRMED_LOG_EVERY = 10.0  # seconds between warnings about keys used on an unconfirmed copy
+MAX_HEARTBEAT = 1.0  # seconds between PINGs on the change channel (fewer for a short max age)
 DEFAULT_OVERLAP = timedelta(hours=24)
 MAX_OVERLAP = timedelta(days=365)
 _LIMIT_NAMES = ("rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month")
@@ -121,6 +133,24 @@ def team_from_record(r: Mapping[str, str]) -> tuple[TeamConfig, int]:
     return team, int(r.get("rev") or 1)
 
 
+class DirectoryEvents(Protocol):
+    def unconfirmed_key(self, outcome: str) -> None: ...
+
+
+class _NoEvents:
+    def unconfirmed_key(self, outcome: str) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How long this replica's copy may go unconfirmed (None: it is the directory itself), and
+    what an issued key gets after that (``quotas.on_store_error``)."""
+
+    max_age: float | None = None
+    on_unconfirmed: StoreErrorMode = "fail_closed"
+
+
 @dataclass(frozen=True)
 class _Entry:
     digest: str
@@ -130,9 +160,12 @@ class _Entry:
 
 class IssuedKeys:
     def __init__(self, directory: Directory, *, refresh_interval: float = 30.0,
+                 freshness: Freshness = Freshness(), events: DirectoryEvents | None = None,
                  clock: Callable[[], datetime] = utc_now, logger: logging.Logger | None = None) -> None:
         self._directory = directory
         self._refresh_interval = refresh_interval
+        self._freshness = freshness
+        self._events: DirectoryEvents = events or _NoEvents()
         self._clock = clock
         self._log = logger or logging.getLogger("llm_proxy.keys")
         self._keys: dict[str, IssuedKey] = {}
@@ -140,6 +173,8 @@ class IssuedKeys:
         self._teams: dict[str, tuple[TeamConfig, int]] = {}
         self._touched: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._confirmed = -math.inf  # time.monotonic() as of which the copy is known current
+        self._warned = -math.inf
 
     # -- the request path: memory only
 
@@ -149,7 +184,36 @@ class IssuedKeys:
             return None
         if entry.until is not None and self._clock() >= entry.until:
             return None
+        max_age = self._freshness.max_age
+        if max_age is not None and time.monotonic() - self._confirmed > max_age:
+            return self._unconfirmed(entry.policy)
         return entry.policy
+
+    def _unconfirmed(self, policy: KeyPolicy) -> KeyPolicy:
+        """A key found in a copy too old to know whether it was revoked since."""
+        serve = self._freshness.on_unconfirmed == "fail_open"
+        self._events.unconfirmed_key("served" if serve else "refused")
+        now = time.monotonic()
+        if now - self._warned >= UNCONFIRMED_LOG_EVERY:
+            self._warned = now
+            age = "has never been confirmed" if self._confirmed == -math.inf \
+                else f"was last confirmed {now - self._confirmed:.0f}s ago"
+            self._log.warning("issued keys: this replica's copy of the key directory %s "
+                              "(quotas.key_directory_max_age: %gs); issued keys are %s "
+                              "(quotas.on_store_error: %s), e.g. %s (%s)", age, self._freshness.max_age,
+                              "served" if serve else "refused", self._freshness.on_unconfirmed,
+                              policy.id, policy.name)
+        if serve:
+            return policy
+        raise ServiceUnavailableError(
+            "The validity of this API key cannot be confirmed right now: this gateway cannot reach "
+            "its key directory. Please retry shortly.", code="key_directory_unavailable")
+
+    def _confirm(self, as_of: float) -> None:
+        max_age = self._freshness.max_age
+        if max_age is not None and self._confirmed != -math.inf and time.monotonic() - self._confirmed > max_age:
+            self._log.info("issued keys: the key directory is confirmed again")
+        self._confirmed = max(self._confirmed, as_of)
 
     def team(self, name: str) -> TeamConfig | None:
         found = self._teams.get(name)
@@ -179,6 +243,7 @@ class IssuedKeys:
 
     async def refresh(self) -> None:
         self._touched.clear()
+        started = time.monotonic()
         try:
             keys = [IssuedKey.from_record(r) for r in await self._directory.all("key")]
             teams = [team_from_record(r) for r in await self._directory.all("team")]
@@ -196,6 +261,7 @@ class IssuedKeys:
                 fresh_teams[name] = (team, rev)
         self._keys, self._teams = fresh, fresh_teams
         self._by_digest = {e.digest: e for k in fresh.values() for e in _entries(k)}
+        self._confirm(started)
 
     def _apply(self, key: IssuedKey) -> None:
         self._touched.add(key.id)
@@ -219,7 +285,10 @@ class IssuedKeys:
                 async with contextlib.aclosing(self._directory.changes()) as changes:
                     async for change in changes:
                         delay = 0.1
-                        await self._on_change(change)
+                        if isinstance(change, Live):
+                            self._confirm(change.since)  # every change before it is applied
+                        else:
+                            await self._on_change(change)
             except ServiceUnavailableError as exc:
                 self._log.warning("issued keys: change feed lost (%s); retrying", exc.message)
             await asyncio.sleep(delay)
@@ -327,16 +396,18 @@ def _entries(key: IssuedKey) -> list[_Entry]:
     return entries
 
 
-def build_issued_keys(config: Config, *, refresh_interval: float = 30.0,
+def build_issued_keys(config: Config, *, refresh_interval: float = 30.0, events: DirectoryEvents | None = None,
                       logger: logging.Logger | None = None) -> IssuedKeys:
     """Redis when ``redis_url`` is set; otherwise process memory (issued keys end with the process)."""
-    directory: Directory
-    if config.redis_url:
-        directory = RedisDirectory(connect(config.redis_url, config.quotas.store_timeout),
-                                   max(config.quotas.store_timeout, 1.0))
-    else:
-        directory = MemoryDirectory()
-    return IssuedKeys(directory, refresh_interval=refresh_interval, logger=logger)
+    if not config.redis_url:
+        return IssuedKeys(MemoryDirectory(), refresh_interval=refresh_interval, events=events, logger=logger)
+    quotas = config.quotas
+    # A few PINGs within the max age, so that one late answer does not make the copy unconfirmed.
+    directory = RedisDirectory(connect(config.redis_url, quotas.store_timeout), max(quotas.store_timeout, 1.0),
+                               heartbeat=min(MAX_HEARTBEAT, quotas.key_directory_max_age / 4))
+    return IssuedKeys(directory, refresh_interval=refresh_interval,
+                      freshness=Freshness(quotas.key_directory_max_age, quotas.on_store_error),
+                      events=events, logger=logger)
 
 
 # -- validating admin input (shared by the HTTP API and the CLI)

@@ -47,6 +47,7 @@ RELOAD_OUTCOMES = ("ok", "error")
 # How a stream ended after its first byte without its [DONE]; the code its error event and access log carry.
 STREAM_ERROR_CODES = ("upstream_stream_cut", "upstream_stream_error", "upstream_idle_timeout",
                       "upstream_total_timeout", "client_write_timeout", "server_shutting_down")
+UNCONFIRMED_OUTCOMES = ("served", "refused")
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
@@ -181,6 +182,12 @@ class Metrics:
                                             ("operation",), registry=r))
         self._store_latency = _Bound(Histogram(p + "store_latency_seconds", "Quota store call time.",
                                                ("operation",), buckets=STORE_BUCKETS, registry=r))
+        self._unconfirmed = _Bound(Counter(p + "key_directory_unconfirmed",
+                                           "Requests with an issued key while this replica's copy of the "
+                                           "key directory was older than quotas.key_directory_max_age.",
+                                           ("outcome",), registry=r))
+        for outcome in UNCONFIRMED_OUTCOMES:  # from 0, so that rate() sees the first one
+            self._unconfirmed(outcome)
         self._reloads = _Bound(Counter(p + "config_reloads", "Config reloads, by outcome.",
                                        ("outcome",), registry=r))
         # A gauge, so an alert holds while the file stays bad, however long ago it failed.
@@ -300,6 +307,10 @@ class Metrics:
 
     def store_latency(self, operation: str, seconds: float) -> None:
         self._store_latency(operation).observe(seconds)
+
+    def unconfirmed_key(self, outcome: str) -> None:
+        """outcome: served (fail_open) | refused (fail_closed)."""
+        self._unconfirmed(outcome).inc()
 
     def config_reload(self, outcome: str) -> None:
         self._reloads(outcome).inc()

@@ -20,12 +20,18 @@ outage slows nothing down and the first success puts the store back in use.
 A background probe also pings the store every ``PROBE_INTERVAL`` until it
 answers: an unready replica gets no traffic (Kubernetes takes it out of its
 Service), so without it ``/readyz`` would never recover on its own.
+
+``/readyz`` asks the store itself (``check_ready``): a replica without
+traffic must not stay ready while its Redis is gone. A store call that
+succeeded within ``READY_CHECK_EVERY`` answers for it; otherwise one PING,
+bounded like every store call, answers every probe that arrives meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +46,7 @@ from .store_redis import RedisQuotaStore
 
 T = TypeVar("T")
 PROBE_INTERVAL = 0.5  # seconds between background pings of a failing store
+READY_CHECK_EVERY = 2.0  # seconds a store call's success answers /readyz without another PING
 RELEASE_ATTEMPTS = 6  # a release that keeps failing is given up after these...
 RELEASE_BACKOFF = 0.1  # ...with this wait before the second, doubled before each next (3.1 s in all)
 MAX_CACHED_PLANS = 10_000
@@ -148,8 +155,10 @@ class QuotaService:
         self._events: StoreEvents = events or _NoEvents()
         self._log = logger or logging.getLogger("llm_proxy.quotas")
         self._healthy = True
+        self._answered = -math.inf  # time.perf_counter() of the store's last answer
         self._probing = False
         self._prober: asyncio.Task[None] | None = None
+        self._ready_check: asyncio.Task[bool] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._plans: dict[str, tuple[KeyPolicy, tuple[Plan, RateHeaders] | None]] = {}
         self._closing = False
@@ -266,7 +275,8 @@ class QuotaService:
             if owns_probe:
                 self._probing = False
         self._healthy = True
-        self._events.store_latency(operation, time.perf_counter() - started)
+        self._answered = time.perf_counter()
+        self._events.store_latency(operation, self._answered - started)
         return result
 
     def _failed(self, operation: str) -> None:
@@ -289,10 +299,30 @@ class QuotaService:
             finally:
                 self._probing = False
             self._healthy = True
+            self._answered = time.perf_counter()
             self._log.info("quota store reachable again")
 
     def ready(self) -> bool:
+        """Readiness as last seen, without asking the store (``check_ready`` asks it)."""
         return self._healthy or self._settings.on_store_error == "fail_open"
+
+    async def check_ready(self) -> bool:
+        """``/readyz``: whether the store answers now (fail_open: always ready)."""
+        if self._settings.on_store_error == "fail_open":
+            return True
+        if not self._healthy or time.perf_counter() - self._answered < READY_CHECK_EVERY:
+            return self._healthy  # a failing store is pinged by the background probe already
+        if self._ready_check is None or self._ready_check.done():
+            self._ready_check = asyncio.get_running_loop().create_task(self._ping_for_readiness())
+        # Shielded: a probe that gives up must not cancel the PING that other probes await.
+        return await asyncio.shield(self._ready_check)
+
+    async def _ping_for_readiness(self) -> bool:
+        try:
+            await self._call("ping", self._store.ping, probe=False)
+        except ServiceUnavailableError:
+            return False
+        return True
 
     def store_healthy(self) -> bool:
         return self._healthy
@@ -301,7 +331,7 @@ class QuotaService:
         self._closing = True
         if self._releases:  # an attempt under way may finish (one store timeout); none is retried
             await asyncio.wait(set(self._releases), timeout=self._settings.store_timeout)
-        pending = [*self._releases, *([self._prober] if self._prober is not None else [])]
+        pending = [*self._releases, *(task for task in (self._prober, self._ready_check) if task is not None)]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -103,12 +103,21 @@ class QuotaStore(Protocol):
 Record = Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class Live:
+    """The change feed is live: every change announced before ``since`` (``time.monotonic()``) has
+    been yielded already, so a reader that applied them all is current as of then."""
+
+    since: float
+
+
 class Directory(Protocol):
     """Issued keys, admin-set teams and the audit log; flat string records.
 
     ``changes()`` yields the name of each changed record (``key:<id>``,
-    ``team:<name>``) as writers announce it, and ``""`` each time it has
-    (re)subscribed, after which a reader should reload everything.
+    ``team:<name>``) as writers announce it, ``""`` each time it has
+    (re)subscribed, after which a reader should reload everything, and, from
+    a remote store, a ``Live`` now and then while the feed is known to work.
     """
 
     async def put(self, kind: str, name: str, record: Record) -> None: ...
@@ -121,7 +130,7 @@ class Directory(Protocol):
 
     async def audit(self, limit: int) -> list[dict[str, str]]: ...
 
-    def changes(self) -> AsyncGenerator[str, None]: ...
+    def changes(self) -> AsyncGenerator[str | Live, None]: ...
 
     async def close(self) -> None: ...
 

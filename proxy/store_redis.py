@@ -20,6 +20,8 @@ URL forms (see docs/quotas.md):
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import AsyncGenerator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -36,7 +38,7 @@ from redis.commands.core import AsyncScript
 
 from .errors import ServiceUnavailableError
 from .redis_pipe import RedisPipe, Script
-from .store import AUDIT_MAX, Admission, CheckState, Kind, Plan, Record, lease_seen
+from .store import AUDIT_MAX, Admission, CheckState, Kind, Live, Plan, Record, lease_seen
 
 Client = Redis | RedisCluster
 T = TypeVar("T")
@@ -267,6 +269,48 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _Pinger:
+    """PINGs on a subscribed connection: one at a time, ``interval`` after the last was answered.
+
+    The SUBSCRIBE counts as the first: until Redis confirms it, no PING is sent, and
+    a confirmation that does not come within ``patience`` fails the feed like a PING's.
+    """
+
+    def __init__(self, interval: float, patience: float) -> None:
+        self._interval = interval
+        self._patience = patience  # an answer later than this means the connection is dead
+        self._sent = 0
+        # The request awaiting its answer (a PING's token; None: the SUBSCRIBE), and when it was sent.
+        self._waiting: tuple[str | None, float] | None = (None, time.monotonic())
+        self._next = math.inf
+
+    def restart(self) -> None:
+        """The subscription is (re)confirmed: ping at once; a PING sent before it is lost."""
+        self._waiting, self._next = None, time.monotonic()
+
+    def due(self) -> str | None:
+        """The token of a PING to send now, if one is due; fails when an answer is overdue."""
+        now = time.monotonic()
+        if self._waiting is not None:
+            if now - self._waiting[1] > self._patience:
+                raise unavailable("directory changes", "no answer from Redis")
+            return None
+        if now < self._next:
+            return None
+        self._sent += 1
+        token = f"live-{self._sent}"
+        self._waiting = (token, now)
+        return token
+
+    def answered(self, data: Any) -> Live | None:
+        """A ``Live`` for the answer to the waiting PING; None for anything else."""
+        if self._waiting is None or self._waiting[0] is None or _str(data) != self._waiting[0]:
+            return None
+        sent = self._waiting[1]
+        self._waiting, self._next = None, sent + self._interval
+        return Live(sent)
+
+
 class RedisDirectory:
     """Issued keys and teams as one hash each, plus an index set, a change channel and an audit stream.
 
@@ -274,9 +318,10 @@ class RedisDirectory:
     slot keeps it simple on Cluster.
     """
 
-    def __init__(self, client: Client, timeout: float) -> None:
+    def __init__(self, client: Client, timeout: float, heartbeat: float = 1.0) -> None:
         self._client = client
         self._timeout = timeout
+        self._heartbeat = heartbeat
 
     @staticmethod
     def _key(kind: str, name: str = "") -> str:
@@ -317,21 +362,36 @@ class RedisDirectory:
                              self._timeout, "audit read")
         return [_text(fields) for _, fields in rows or [] if fields]
 
-    async def changes(self) -> AsyncGenerator[str, None]:
+    async def changes(self) -> AsyncGenerator[str | Live, None]:
+        """The change channel, and a ``Live`` for each PING answered on it (one per heartbeat).
+
+        A silent subscription proves nothing: a Redis that is frozen or cut off by the
+        network sends no error, only nothing. A PING on the subscribed connection is
+        answered after every message published before it reached Redis, so its answer
+        says the feed was complete when it was sent. One unanswered for several
+        timeouts means the connection is dead: the feed fails and its reader resubscribes.
+        """
         pubsub = self._client.pubsub()
+        pinger = _Pinger(self._heartbeat, patience=self._timeout * 8)
         try:
             await bounded(pubsub.subscribe(CHANNEL), self._timeout, "subscribe")
             while True:
-                message = await bounded(pubsub.get_message(timeout=1.0), self._timeout + 1.0,
-                                        "directory changes")
+                token = pinger.due()
+                if token is not None:
+                    await bounded(pubsub.ping(token), self._timeout, "directory ping")
+                message = await bounded(pubsub.get_message(timeout=self._heartbeat),
+                                        self._timeout + self._heartbeat, "directory changes")
                 kind = message.get("type") if message else None
                 if kind == "subscribe":
                     # Also after redis-py reconnected by itself (a Redis restart): whatever was
                     # published meanwhile is lost, so the reader reloads everything.
+                    pinger.restart()
                     yield ""
                 elif kind == "message":
                     assert message is not None
                     yield _str(message["data"])
+                elif kind == "pong" and message is not None and (live := pinger.answered(message["data"])):
+                    yield live
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
