@@ -45,7 +45,7 @@ from .config_types import (
 from .errors import ConfigError
 
 _T = TypeVar("_T")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 __all__ = [
     "PROVIDERS",
@@ -84,6 +84,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
             text = f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     return parse_config(text, os.environ if environ is None else environ)
 
 
@@ -91,6 +93,8 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"]) from None
+    except ValueError as exc:  # a value YAML itself builds, e.g. the date 2027-02-30
         raise ConfigError([f"not valid YAML: {exc}"]) from None
     reader = Reader(environ)
     config = _config(reader, {} if raw is None else raw)
@@ -334,10 +338,10 @@ def _key_digest(r: Reader, d: dict[str, Any], path: str) -> str | None:
         r.problem(path, "needs exactly one of key or key_sha256")
         return None
     if "key" in d:
-        secret = r.string(d["key"], f"{path}.key", required=True)
+        secret = r.secret(d["key"], f"{path}.key", required=True)
         return hashlib.sha256(secret.encode()).hexdigest() if secret else None
-    digest = r.string(d["key_sha256"], f"{path}.key_sha256", required=True)
-    if digest is not None and not _SHA256_HEX.match(digest.lower()):
+    digest = r.secret(d["key_sha256"], f"{path}.key_sha256", required=True)
+    if digest is not None and not _SHA256_HEX.fullmatch(digest.lower()):
         r.problem(f"{path}.key_sha256", "must be 64 hexadecimal digits")
         return None
     return digest.lower() if digest else None

@@ -7,6 +7,7 @@ schema, and the mechanics of checking (here) are written once.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -82,10 +83,10 @@ class Reader:
             return None
         return text
 
-    def secret(self, raw: Any, path: str) -> str | None:
+    def secret(self, raw: Any, path: str, required: bool = False) -> str | None:
         """A key or password: surrounding whitespace dropped (a secret file's trailing newline),
         none inside, since it is sent in a header."""
-        text = self.string(raw, path, empty_is_none=True)
+        text = self.string(raw, path, required=required, empty_is_none=True)
         if text is None:
             return None
         text = text.strip()
@@ -155,6 +156,11 @@ class Reader:
             self.problem(path, f"must be {'an integer' if kind is int else 'a number'}")
             return None
         assert isinstance(value, (int, float))
+        # NaN passes every comparison with a minimum, and a timeout of NaN or infinity
+        # breaks the timer it is given (YAML's .nan / .inf, or "nan" from the environment).
+        if not math.isfinite(value):
+            self.problem(path, "must be a finite number")
+            return None
         return value
 
     def _check_minimum(self, value: float, path: str, minimum: float | None,

@@ -133,11 +133,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
                 return  # the connection is the WebSocket protocol's now
-            self._unsupported_upgrade_warning()
+            self._decline_upgrade(data[upgrade.args[0]:])
         if self.transport.is_closing():
             return
         if self._in_head:
@@ -159,6 +159,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # A finished answer leaves now, not after what its request does next (settling its quota).
         self._out.flush()
         super().on_response_complete()
+
+    def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            return  # the end of a head that offers an upgrade, not of its request (see _decline_upgrade)
+        super().on_message_complete()
+
+    def _decline_upgrade(self, rest: bytes) -> None:
+        """Serve a request that offers an upgrade the gateway does not speak (``Upgrade: h2c``,
+        which curl --http2 and Java's HTTP clients send) as HTTP/1.1, as RFC 9110 allows.
+
+        The parser stops at the end of such a head and treats what follows as another protocol:
+        the request's body and any pipelined request would be lost, and the connection with them.
+        A new parser takes over, first given the head again without the offer (only its framing
+        headers: it frames the body but is not handled twice), then the bytes the old one left."""
+        self.logger.debug("%s: an upgrade offer declined", self._peer())
+        framing = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers
+                           if name in (b"content-length", b"transfer-encoding"))
+        self.parser = httptools.HttpRequestParser(_AfterDeclinedUpgrade(self))
+        with contextlib.suppress(AttributeError):  # httptools before 0.6.3 has no leniencies
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        self.data_received(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -241,6 +262,36 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _peer(self) -> str:
         return "%s:%d" % self.client if self.client else "client"
+
+
+class _AfterDeclinedUpgrade:
+    """The callbacks of the parser that takes over from one stopped by an upgrade offer: the
+    protocol's, except for the head written again for it (its request is already under way)."""
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol) -> None:
+        self._protocol = protocol
+        self._in_replayed_head = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol, name)
+
+    def on_message_begin(self) -> None:
+        if not self._in_replayed_head:
+            self._protocol.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._in_replayed_head:
+            self._protocol.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_replayed_head:
+            self._protocol.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._in_replayed_head:
+            self._in_replayed_head = False
+            return
+        self._protocol.on_headers_complete()
 
 
 def limited_protocol(max_header_bytes: int, header_timeout: float) -> type[LimitedHttpToolsProtocol]:
