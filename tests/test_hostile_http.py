@@ -153,6 +153,26 @@ def test_an_endless_request_trailer_is_refused_and_memory_stays_bounded(gw: Gate
     assert grown < RSS_BOUND_MIB, f"RSS grew by {grown:.1f} MiB"
 
 
+def test_an_upstreams_endless_trailer_is_a_502_and_memory_stays_bounded(
+        gw: GatewayProcess, stub: StubUpstream) -> None:
+    stub.behave("endless_trailer", mib=OFFERED_MIB)
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        with httpx.Client(base_url=gw.url, timeout=60, headers={"Authorization": f"Bearer {GOOD}"}) as client:
+            answers.append(client.post("/v1/chat/completions", json=CHAT))
+            answers.append(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+
+    grown = _peak_growth_mib(gw, call)
+    plain, stream = answers
+    assert plain.status_code == 502, plain.text
+    assert_conforms(plain.json(), "ErrorResponse")
+    assert stream.status_code == 200 and b'data: {"error":' in stream.content, stream.content[-300:]
+    assert not stream.content.endswith(b"data: [DONE]\n\n")
+    assert stub.chat_requests and all(seen.trailer_mib < OFFERED_MIB for seen in stub.chat_requests)
+    assert grown < RSS_BOUND_MIB, f"RSS grew by {grown:.1f} MiB"
+
+
 # --- bodies of refused requests ----------------------------------------------------------------
 
 
