@@ -221,11 +221,17 @@ def test_a_body_declared_too_large_is_413_and_closed_unread(gw: GatewayProcess) 
 def test_the_auth_guards_429_is_closed_unread(gw: GatewayProcess) -> None:
     source = "127.0.0.9"  # an address of its own: the guard counts failures per address
     head = _head("POST", "/v1/chat/completions", "sk-wrong-key-0000000000000000", 5_000_000_000)
-    answers: list[tuple[int, dict[str, str]]] = []
-    while len(answers) < 100 and (not answers or answers[-1][0] != 429):  # 401s until the guard holds it
-        answers.append(_refused_unread(gw, head, source))
-    assert answers[0][0] == 401 and answers[-1][0] == 429
-    assert {headers["connection"] for _, headers in answers} == {"close"}
+    statuses: list[int] = []
+    while len(statuses) < 100 and statuses[-5:] != [429] * 5:  # 401s until the guard holds the address
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=30, source_address=(source, 0)) as sock, \
+                sock.makefile("rb") as reader:
+            sock.sendall(head)
+            status, headers, _ = _read_answer(reader)
+            assert headers["connection"] == "close"
+            statuses.append(status)
+    assert statuses[0] == 401 and statuses[-5:] == [429] * 5
+    status, headers = _refused_unread(gw, head, source)  # still held: each failure counts
+    assert (status, headers["connection"], headers["retry-after"].isdigit()) == (429, "close", True)
 
 
 def test_an_endless_trailer_without_a_key_is_refused_unread(gw: GatewayProcess) -> None:
