@@ -14,18 +14,19 @@ connection that never finishes its headers for ever. This subclass bounds both:
   fields are dropped: they are not the request's headers.
 * ``header_timeout``: from the moment a connection opens, or the first byte of
   a request arrives on a kept-alive one, the whole header block must arrive
-  within this (408); so must a trailer, from its first byte. A connection
-  that sends nothing is closed without an answer, as is one that trickles
-  bytes that start no request (stray line breaks, the rest of a body already
-  answered). Between requests uvicorn's keep-alive timeout applies as before;
-  while the application works on a request (body, answer, stream) no
-  deadline runs: ``server.body_timeout`` and the upstream timeouts bound that.
+  within this (408); so must a trailer, from the first read that ends inside
+  it. A connection that sends nothing is closed without an answer, as is one
+  that trickles bytes that start no request (stray line breaks, the rest of a
+  body already answered). Between requests uvicorn's keep-alive timeout
+  applies as before; while the application works on a request (body, answer,
+  stream) no other deadline runs: ``server.body_timeout`` and the upstream
+  timeouts bound that.
 * A request answered before its body was read (a wrong key, a body declared
   too large, an unknown route) is answered with ``Connection: close`` and the
-  connection ends there: the body is never parsed. While a body is unread the
-  request's cycle is told not to keep the connection alive (so uvicorn adds
-  the header and closes after the answer); reading the body to its end gives
-  the connection back its keep-alive.
+  connection ends there: nothing after the answer is parsed. While a body is
+  unread the request's cycle is told not to keep the connection alive (so
+  uvicorn adds the header and closes after the answer); reading the body to
+  its end gives the connection back its keep-alive.
 * At most ``MAX_PIPELINED`` requests wait behind the one being answered:
   the parser reads on through a whole socket read, so a read of tiny
   pipelined requests would otherwise queue thousands of them. The requests
@@ -40,7 +41,8 @@ still being sent on the connection (pipelining), that answer is finished first
 and the connection closed after it.
 
 The timers are ``loop.call_later`` handles: one per connection, plus one per
-request only when its headers arrive in more than one read.
+request only when its headers (or its trailer) arrive in more than one read,
+and one while a refused connection lingers.
 
 It also tells the application at once when the connection is lost
 (``asgi.DisconnectSignal``), so a request need not keep a task waiting on
