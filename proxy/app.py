@@ -71,6 +71,9 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
         exception_handlers={HTTPException: _http_error, ProxyError: _proxy_error},
         lifespan=lifespan,
     )
+    # Starlette would answer a path with a stray slash with a redirect built from the client's Host
+    # header (an open redirect); an unknown path is a 404, as OpenAI's API answers it.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return FastPath(app, _wrap(chat, config, log))
 

@@ -13,8 +13,9 @@ are handed over as they arrive, and nothing else happens per request. What
 it does, as aiohttp did for the gateway: keep-alive connections (an idle one
 is closed after ``KEEPALIVE_SECONDS``), at most ``max_concurrency`` in use
 (others wait, within the connect timeout), TLS for https, bodies framed by
-Content-Length, chunked or the end of the connection, and a body cut short
-is an error, raised once the bytes before the cut were read. It keeps no
+Content-Length, chunked (a trailer is dropped, and held to the head's size
+limit) or the end of the connection, and a body cut short is an error,
+raised once the bytes before the cut were read. It keeps no
 cookies (aiohttp sent a provider's cookies back; no client should share them).
 """
 
@@ -39,8 +40,9 @@ KEEPALIVE_SECONDS = 30.0
 # Unread answer bytes above which the connection stops reading (a slow client
 # must not make the gateway buffer a fast upstream's whole answer).
 HIGH_WATER = 256 * 1024
-# Bytes an answer's head (status line, headers, interim answers) may take:
-# httptools sets no limit of its own.
+# Bytes an answer's head (status line, headers, interim answers) may take, and
+# so may a chunked body's trailer: httptools sets no limit of its own, and
+# gathers a header field's value whole, however long.
 MAX_HEAD_BYTES = 1024 * 1024
 
 
@@ -105,8 +107,8 @@ class _Connection(asyncio.Protocol):
     header lines only until its head is handed over."""
 
     __slots__ = ("_buffered", "_chunks", "_complete", "_error", "_framed", "_head", "_head_bytes",
-                 "_headers", "_keep_alive", "_parser", "_paused", "_status", "_waiter", "idle_since",
-                 "lost", "transport")
+                 "_headers", "_in_trailer", "_keep_alive", "_parser", "_paused", "_status", "_waiter",
+                 "idle_since", "lost", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -119,7 +121,8 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._framed = False  # the answer's length is known (Content-Length, chunked, 204/304)
         self._buffered = 0
-        self._head_bytes = 0
+        self._head_bytes = 0  # of the head, then of the trailer
+        self._in_trailer = False  # past a chunk's size line with no data after it: the last chunk's trailer
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
@@ -132,7 +135,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._status, self._complete, self._keep_alive, self._error = [], 0, False, False, None
-        self._framed = False
+        self._framed = self._in_trailer = False
         self._chunks.clear()
         self._buffered = self._head_bytes = 0
         self._head = asyncio.get_running_loop().create_future()
@@ -193,6 +196,7 @@ class _Connection(asyncio.Protocol):
             self._fail("UnexpectedData")  # bytes nobody asked for: this connection is done
             self.abort()
             return
+        in_trailer = self._in_trailer
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -203,6 +207,11 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._fail("LineTooLong")
+                self.abort()
+        elif in_trailer and self._in_trailer and not self._complete:  # a read all of the trailer
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail("TrailerTooLong")
                 self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -242,7 +251,13 @@ class _Connection(asyncio.Protocol):
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
+    def on_chunk_header(self) -> None:
+        # Data follows a chunk's size line, except after the last chunk's: its trailer does.
+        self._in_trailer = True
+        self._head_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self._in_trailer = False
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:

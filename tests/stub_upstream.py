@@ -21,7 +21,10 @@ Behaviours (``stub.behave(mode, **options)`` for all requests, or
   text/event-stream of bytes that are no SSE at all), endless (stream:
   content events that never end, ``delay`` between them and ``size``
   characters of text in each, until the gateway goes away; a test's bound,
-  ``seconds`` and ``max_bytes``, then cuts it).
+  ``seconds`` and ``max_bytes``, then cuts it), endless_trailer (200
+  chunked: the answer, or a stream's first event, then the last chunk and a
+  trailer field that never ends, written 1 MiB at a time, ``mib`` of them,
+  until the connection is dropped; ``Seen.trailer_mib`` counts them).
 
 ``stub.response_headers`` are added to every chat answer (e.g. the headers a
 provider uses to name its account: ``openai-organization``, ``set-cookie``).
@@ -30,6 +33,7 @@ provider uses to name its account: ``openai-organization``, ``set-cookie``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -56,6 +60,7 @@ class Seen:
     headers: CIMultiDict[str]
     body: dict[str, Any]
     sent: bytes = b""
+    trailer_mib: int = 0
 
 
 def free_port() -> int:
@@ -191,6 +196,8 @@ async def _answer(stub: StubUpstream, request: web.Request, body: dict[str, Any]
         return _raw(seen, b"".join(mock.stream_events(plan, False)), "text/event-stream")
     if b.mode == "garbage_sse":
         return _raw(seen, b"\x00\xffthis is not server-sent events at all" * 8, "text/event-stream")
+    if b.mode == "endless_trailer":
+        return await _endless_trailer(request, body, plan, opts.get("mib", 64), seen)
     if b.mode == "cut_body" and not body.get("stream"):
         return await _cut_body(request, mock.completion_body(plan), seen)
     if b.mode == "hang_body" and not body.get("stream"):
@@ -270,6 +277,26 @@ async def _cut_body(request: web.Request, whole: bytes, seen: Seen) -> web.Strea
     assert request.transport is not None
     request.transport.close()
     return resp
+
+
+async def _endless_trailer(request: web.Request, body: dict[str, Any], plan: mock.Completion, mib: int,
+                           seen: Seen) -> web.StreamResponse:
+    """The answer in one chunk, the last chunk, then a trailer field whose value never ends."""
+    if body.get("stream"):
+        content_type, data = "text/event-stream", next(iter(mock.stream_events(plan, False)))
+    else:
+        content_type, data = "application/json", mock.completion_body(plan)
+    seen.sent = data
+    writer = request.writer  # raw bytes, with back-pressure: no response was prepared, so no framing of its own
+    with contextlib.suppress(ConnectionError):
+        await writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"%x\r\n%s\r\n0\r\nX-Trailer: " % (content_type.encode(), len(data), data))
+        while seen.trailer_mib < mib:
+            await writer.write(b"v" * (1024 * 1024))
+            seen.trailer_mib += 1
+    assert request.transport is not None
+    request.transport.close()
+    return web.Response(status=500)  # never sent: the connection is closed
 
 
 def _json(seen: Seen, payload: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:

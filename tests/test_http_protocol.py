@@ -1,4 +1,4 @@
-"""The header limits of proxy/http_protocol.py, over real sockets.
+"""The limits of proxy/http_protocol.py, over real sockets.
 
 A uvicorn server runs in a thread on uvloop (as the gateway does) with a tiny
 ASGI app and small limits, so each case takes about a second; the hostile
@@ -23,7 +23,7 @@ import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.asgi import DISCONNECT_HOOK
-from proxy.http_protocol import LINGER_SECONDS, LimitedHttpToolsProtocol, limited_protocol
+from proxy.http_protocol import LINGER_SECONDS, MAX_PIPELINED, LimitedHttpToolsProtocol, limited_protocol
 from tests.gateway_process import GatewayProcess
 from tests.stub_upstream import free_port
 
@@ -36,13 +36,18 @@ BUSY = 0.5  # /then-busy holds the event loop this long after its answer
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Reads the whole body, answers ``<path> <body size>``; accepts WebSockets."""
+    """Reads the whole body, answers ``<path> <body size>`` (``/headers``: the header names;
+    ``/refuse``: a 401 before reading the body); accepts WebSockets."""
     if scope["type"] == "websocket":
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
         await receive()  # until the client goes
         return
     assert scope["type"] == "http"
+    if scope["path"] == "/refuse":  # answered before its body is read, as a wrong key is
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"7")]})
+        await send({"type": "http.response.body", "body": b"refused"})
+        return
     size, more = 0, True
     while more:
         message = await receive()
@@ -58,6 +63,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.sleep(SLOW)
         hook.unwatch(LOST.set)
     body = f"{scope['path']} {size}".encode()
+    if scope["path"] == "/headers":  # the request's header names, once its body was read
+        body = b",".join(name for name, _ in scope["headers"])
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -122,9 +129,9 @@ def closed_within(reader: BinaryIO, seconds: float) -> bytes:
 
 
 def test_limited_protocol_binds_the_limits_to_a_subclass() -> None:
-    cls = limited_protocol(1234, 2.5)
+    cls = limited_protocol(1234, 2.5, 4321)
     assert issubclass(cls, LimitedHttpToolsProtocol) and issubclass(cls, HttpToolsProtocol)
-    assert (cls.max_header_bytes, cls.header_timeout) == (1234, 2.5)
+    assert (cls.max_header_bytes, cls.header_timeout, cls.linger_bytes) == (1234, 2.5, 4321)
     assert (LimitedHttpToolsProtocol.max_header_bytes, LimitedHttpToolsProtocol.header_timeout) == (65536, 10.0)
     config = uvicorn.Config(app, http=cls)
     config.load()
@@ -382,3 +389,130 @@ def test_a_finished_answer_leaves_before_the_work_its_request_does_next(port: in
         sock.sendall(get("/then-busy"))
         assert read_response(reader)[2] == b"/then-busy 0"
         assert time.monotonic() - started < BUSY / 2
+
+
+# --- chunked trailers ---------------------------------------------------------------------
+
+
+def chunked(path: str, *chunks: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks))
+
+
+def test_a_trailer_under_the_limit_is_read_and_its_fields_are_not_headers(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(chunked("/headers", b"hello") + b"0\r\nX-Trailer: " + b"t" * (MAX_HEADER_BYTES // 2) + b"\r\n\r\n")
+        assert read_response(reader)[::2] == (200, b"host,transfer-encoding")
+        sock.sendall(get("/after"))  # and the connection is kept
+        assert read_response(reader)[::2] == (200, b"/after 0")
+
+
+def test_a_trailer_that_never_ends_is_431_and_the_sender_reads_it(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(chunked("/upload", b"hello") + b"0\r\n")
+        with contextlib.suppress(OSError):  # refused at the limit: the rest may meet a closed socket
+            for _ in range(MAX_HEADER_BYTES // 100 * 3):  # trailer lines, never the blank line
+                sock.sendall(b"X-Filler: " + b"v" * 90 + b"\r\n")
+        status, headers, body = read_response(reader)
+        assert status == 431 and headers["connection"] == "close"
+        error = json.loads(body)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "request_header_fields_too_large")
+        assert "trailer" in error["message"] and str(MAX_HEADER_BYTES) in error["message"]
+        assert closed_within(reader, LINGER_SECONDS + 1) == b""
+
+
+def test_a_trailer_over_the_limit_is_431_however_it_arrives(port: int) -> None:
+    trailer = b"0\r\nX-T: " + b"v" * (MAX_HEADER_BYTES + 100) + b"\r\n\r\n"
+    for pieces in (1, 3):  # in one read, or in several
+        with connect(port) as (sock, reader):
+            request = chunked("/upload", b"hello") + trailer + get("/pipelined")  # nothing behind it is served
+            step = -(-len(request) // pieces)
+            for i in range(0, len(request), step):
+                sock.sendall(request[i:i + step])
+                time.sleep(0.05)
+            assert read_response(reader)[0] == 431
+            sock.shutdown(socket.SHUT_WR)
+            assert closed_within(reader, 1) == b""
+
+
+def test_a_trailer_unfinished_at_the_header_timeout_gets_408(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(chunked("/upload", b"hello") + b"0\r\nX-T: v")
+        status, headers, body = read_response(reader)
+        assert status == 408 and headers["connection"] == "close"
+        assert "trailer" in json.loads(body)["error"]["message"]
+        assert closed_within(reader, 1) == b""
+
+
+def test_pauses_between_chunks_are_not_the_trailers_timeout(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(chunked("/upload", b"hello"))
+        time.sleep(HEADER_TIMEOUT + 0.5)
+        sock.sendall(b"6\r\n world\r\n")
+        time.sleep(HEADER_TIMEOUT + 0.5)
+        sock.sendall(b"0\r\n\r\n")
+        assert read_response(reader)[::2] == (200, b"/upload 11")
+
+
+# --- bodies left unread ------------------------------------------------------------------
+
+
+def test_an_answer_before_the_body_is_read_ends_the_connection_without_reading_it(port: int) -> None:
+    offered = 64  # MiB, of a body declared far larger
+    with connect(port) as (sock, reader):
+        sock.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000000\r\n\r\n")
+        status, headers, body = read_response(reader)
+        assert (status, body, headers["connection"]) == (401, b"refused", "close")
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < offered:
+                sock.sendall(b"b" * (1024 * 1024))
+                sent += 1
+        assert sent < offered  # the rest was not read: the connection was closed
+        with contextlib.suppress(ConnectionResetError):
+            assert reader.read() == b""
+
+
+def test_an_early_answer_to_a_request_whose_body_arrived_keeps_the_connection(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        status, headers, _ = read_response(reader)
+        assert status == 401 and "connection" not in headers
+        sock.sendall(get("/after"))
+        assert read_response(reader)[::2] == (200, b"/after 0")
+
+
+# --- malformed requests and pipelines --------------------------------------------------------
+
+
+def test_malformed_http_gets_an_openai_format_400(port: int) -> None:
+    for request in (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                    chunked("/upload", b"hello") + b"zz\r\nabc\r\n"):  # a broken chunk in a body being read
+        with connect(port) as (sock, reader):
+            sock.sendall(request)
+            status, headers, body = read_response(reader)
+            assert status == 400 and headers["connection"] == "close", body
+            assert headers["content-type"] == "application/json"
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_http_request")
+            assert closed_within(reader, LINGER_SECONDS + 1) == b""
+
+
+def test_a_broken_pipelined_body_is_answered_after_the_answer_in_flight(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(get("/slow") + chunked("/upload", b"hello") + b"zz\r\n")
+        assert read_response(reader)[::2] == (200, b"/slow 0")
+        status, headers, body = read_response(reader)
+        assert (status, headers["connection"]) == (400, "close")
+        assert json.loads(body)["error"]["code"] == "invalid_http_request"
+        assert closed_within(reader, LINGER_SECONDS + 1) == b""
+
+
+def test_requests_pipelined_past_the_limit_are_not_taken(port: int) -> None:
+    with connect(port) as (sock, reader):
+        sock.sendall(b"".join(get(f"/{i}") for i in range(MAX_PIPELINED * 3)))  # one write: one read
+        answers = [read_response(reader) for _ in range(MAX_PIPELINED + 1)]  # the one in flight, and those queued
+        assert [body for _, _, body in answers] == [f"/{i} 0".encode() for i in range(MAX_PIPELINED + 1)]
+        assert answers[-1][1]["connection"] == "close"
+        assert closed_within(reader, LINGER_SECONDS + 1) == b""

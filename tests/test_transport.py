@@ -267,6 +267,56 @@ async def test_an_endless_answer_head_is_an_error(server: Scripted) -> None:
     await transport.close()
 
 
+async def test_an_endless_trailer_is_an_error_once_it_passes_the_head_limit() -> None:
+    """An answer whose last chunk is followed by a trailer that never ends: the parser would
+    gather the field's value for ever. Refused past MAX_HEAD_BYTES, long before the upstream is
+    done sending (it offers 64 MiB)."""
+    offered, sent = 64, 0
+    cut = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n{}")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+        try:
+            for _ in range(offered):
+                writer.write(b"v" * (1024 * 1024))
+                await writer.drain()
+                sent += 1
+        except ConnectionError:
+            cut.set()
+        writer.close()
+
+    listening = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    transport = _transport(port)
+    response = await transport.post(f"http://127.0.0.1:{port}/v1/chat/completions", {}, b"{}")
+    assert await response.read_chunk() == b"ok"
+    with pytest.raises(UpstreamConnectionError, match="TrailerTooLong"):
+        await response.read_chunk()
+    response.close()
+    await asyncio.wait_for(cut.wait(), 30)  # the connection was dropped, not read to the end
+    assert sent < offered
+    await transport.close()
+    listening.close()
+
+
+async def test_a_chunked_answer_with_a_trailer_under_the_limit_is_read_whole(server: Scripted) -> None:
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (b"a" * 300_000, b"b" * 3))
+    server.then(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+                + b"0\r\nX-T: " + b"t" * 500_000 + b"\r\n\r\n").then(OK)
+    transport = _transport(server.port)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    response = await transport.post(url, {}, b"{}")
+    assert await _body(response) == b"a" * 300_000 + b"bbb"
+    response.close()
+    response = await transport.post(url, {}, b"{}")  # and the connection is kept
+    assert await _body(response) == b"ok"
+    response.close()
+    assert server.connections == 1
+    await transport.close()
+
+
 async def test_a_reset_ends_a_body_without_length_with_an_error() -> None:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n{}")
