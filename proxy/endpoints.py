@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body, send_bytes, send_error
+from .config import DEFAULT_MAX_OUTPUT_TOKENS
 from .errors import (
     AuthenticationError,
     Header,
@@ -237,7 +238,11 @@ async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watc
 
 
 def _estimate(request: ChatRequest, rt: Runtime) -> int:
-    completion = request.max_tokens or rt.config.quotas.default_max_tokens
+    """What the quotas hold while the request is in flight: its prompt, and for each choice at
+    most what its model can write (an absurd ``max_tokens`` must not hold a team's whole budget)."""
+    settings = rt.config.models.get(request.model)
+    ceiling = settings.max_output_tokens if settings else DEFAULT_MAX_OUTPUT_TOKENS
+    completion = min(request.max_tokens or rt.config.quotas.default_max_tokens, ceiling)
     return request.prompt_tokens + completion * request.n
 
 
