@@ -105,10 +105,15 @@ class ChatCompletions:
         watch = DisconnectWatch()
         forwarded: Forwarded | None = None
         forward_started = time.perf_counter()
+        prompt_estimate, charge_at_least = request.prompt_tokens, 0
         try:
             with watch.watching(receive, scope):
+                # Left before an answer (the client went away, or shutdown ended it): an upstream may
+                # be at work on the prompt already, and providers bill a prompt they were sent.
+                charge_at_least = prompt_estimate
                 forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
                                                        _forward_headers(scope), watchdog)
+                charge_at_least = 0  # answered: what the answer used is charged
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
                 # Committed: no other attempt follows. Of the request only what counts its usage is
@@ -120,11 +125,14 @@ class ChatCompletions:
                                              watchdog)
                 else:
                     await self._relay_body(send, prompt_tokens, forwarded, record, watch)
+        except ProxyError:
+            charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
+            raise
         finally:
             record.upstream_time = time.perf_counter() - forward_started
             if forwarded is not None:
                 forwarded.finish(ok=record.status < 500 and record.status != 499, now=time.monotonic())
-            await reservation.settle(record.prompt_tokens + record.completion_tokens)
+            await reservation.settle(max(record.prompt_tokens + record.completion_tokens, charge_at_least))
 
     async def _relay_body(self, send: Send, prompt_tokens: int, fwd: Forwarded,
                           record: RequestRecord, watch: DisconnectWatch) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -77,6 +78,9 @@ def gateway_estimate(request: dict[str, Any]) -> int:
     parsed = parse_chat_request(orjson.dumps(request), "application/json")
     return parsed.prompt_tokens + min(parsed.max_tokens or 4096, MAX_OUTPUT_TOKENS) * parsed.n
 
+
+def prompt_estimate(request: dict[str, Any]) -> int:
+    return parse_chat_request(orjson.dumps(request), "application/json").prompt_tokens
 
 
 @dataclass
@@ -276,6 +280,32 @@ def test_a_request_that_can_never_fit_is_refused_at_once_and_the_sdk_does_not_re
     assert raised.value.response.headers["x-should-retry"] == "false"
     assert not env.stub.chat_requests  # nothing reached the upstream
     assert env.chat(secret, body()).status_code == 200  # the budget is untouched
+
+
+def send_and_leave(gateway: GatewayProcess, secret: str, request: dict[str, Any]) -> socket.socket:
+    """Send a whole request on a raw connection and read nothing; closing the socket leaves."""
+    data = orjson.dumps(request)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {secret}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=REQUEST_TIMEOUT)
+    sock.sendall(head + data)
+    return sock
+
+
+def test_abandoned_plain_requests_are_charged_their_prompts(env: Env) -> None:
+    key_id, secret = env.new_key(tpm=10**8, tokens_per_day=10**8)
+    env.stub.behave("ok", delay_headers=60)  # the answers take long: the clients leave first
+    requests = [body(content=f"{i} " + "x" * 1_000_000) for i in range(3)]
+    sockets = [send_and_leave(env.gateways[i % len(env.gateways)], secret, r) for i, r in enumerate(requests)]
+    try:
+        wait_until(lambda: len(env.stub.chat_requests) == 3, within=15.0)  # each reached the upstream
+    finally:
+        for sock in sockets:
+            sock.close()
+    wait_until(lambda: env.stub.in_flight == 0, within=5.0)  # the upstream requests were cancelled
+    # The provider bills a prompt it was sent: at least the prompt estimate is charged, never 0.
+    prompts = sum(prompt_estimate(r) for r in requests)
+    wait_until(lambda: env.usage(key_id) == {"tpm": prompts, "tokens_per_day": prompts}, within=5.0)
 
 
 def test_a_concurrency_limit_of_n_never_sees_n_plus_one(env: Env) -> None:
