@@ -54,26 +54,23 @@ for i = 1, n do
   local key, kind, window = KEYS[i], ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
   if kind == 'concurrency' then
     redis.call('ZREM', key, lease)
-  elseif kind == 'tpm' and estimate > 0 and expiry then
-    unhold(key, -math.min(expiry, window + BUCKETS + 1), estimate)
-  elseif (kind == 'day' or kind == 'month') and estimate > 0 and expiry
+  elseif kind == 'tpm' then
+    if estimate > 0 and expiry then unhold(key, -math.min(expiry, window + BUCKETS + 1), estimate) end
+    if delta ~= 0 then
+      local current = math.floor(now / BUCKET)
+      local target = nil
+      if window >= current - BUCKETS then
+        target = window
+      elseif delta > 0 then
+        -- A late positive correction still counts, now; a late refund has nothing left to refund.
+        target = current
+      end
+      if target then add(key, target, delta) end
+    end
+  elseif (kind == 'day' or kind == 'month') and (delta ~= 0 or (estimate > 0 and expiry))
       and tonumber(redis.call('HGET', key, 'w')) == window then
-    unhold(key, -expiry, estimate)
-  end
-  if kind == 'tpm' and delta ~= 0 then
-    local current = math.floor(now / BUCKET)
-    local target = nil
-    if window >= current - BUCKETS then
-      target = window
-    elseif delta > 0 then
-      -- A late positive correction still counts, now; a late refund has nothing left to refund.
-      target = current
-    end
-    if target then add(key, target, delta) end
-  elseif (kind == 'day' or kind == 'month') and delta ~= 0 then
-    if tonumber(redis.call('HGET', key, 'w')) == window then
-      if redis.call('HINCRBY', key, 'n', delta) < 0 then redis.call('HSET', key, 'n', 0) end
-    end
+    if estimate > 0 and expiry then unhold(key, -expiry, estimate) end
+    if delta ~= 0 and redis.call('HINCRBY', key, 'n', delta) < 0 then redis.call('HSET', key, 'n', 0) end
   end
 end
 redis.call('DEL', KEYS[n + 1])
