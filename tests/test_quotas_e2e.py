@@ -224,11 +224,15 @@ def test_a_token_budget_admits_what_fits_and_is_never_overshot_by_estimates(env:
             ("rate_limit_exceeded", "true"), ("insufficient_quota", "false")), denied.text
         if error["code"] == "rate_limit_exceeded":
             assert denied.headers["retry-after"] == "1" and "in flight" in error["message"]
-    # Settles that came in below the estimate left room: spend it, one at a time.
-    for _ in range(20):
+    # Settles that came in below the estimate left room: spend it, one at a time, until settled usage
+    # alone leaves too little (a request whose settle is still under way holds its estimate meanwhile).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         last = env.chat(secret, request)
-        if last.status_code == 429:
+        if last.status_code == 429 and last.json()["error"]["code"] == "insufficient_quota":
             break
+        if last.status_code == 429:
+            time.sleep(0.02)
     assert last.status_code == 429
     used = env.usage(key_id)["tokens_per_day"]
     admitted = sum(a.status_code == 200 for a in answers)
@@ -298,14 +302,14 @@ def test_abandoned_plain_requests_are_charged_their_prompts(env: Env) -> None:
     requests = [body(content=f"{i} " + "x" * 1_000_000) for i in range(3)]
     sockets = [send_and_leave(env.gateways[i % len(env.gateways)], secret, r) for i, r in enumerate(requests)]
     try:
-        wait_until(lambda: len(env.stub.chat_requests) == 3, within=15.0)  # each reached the upstream
+        wait_until(lambda: len(env.stub.chat_requests) == 3, within=30.0)  # each reached the upstream
     finally:
         for sock in sockets:
             sock.close()
-    wait_until(lambda: env.stub.in_flight == 0, within=5.0)  # the upstream requests were cancelled
+    wait_until(lambda: env.stub.in_flight == 0, within=15.0)  # the upstream requests were cancelled
     # The provider bills a prompt it was sent: at least the prompt estimate is charged, never 0.
     prompts = sum(prompt_estimate(r) for r in requests)
-    wait_until(lambda: env.usage(key_id) == {"tpm": prompts, "tokens_per_day": prompts}, within=5.0)
+    wait_until(lambda: env.usage(key_id) == {"tpm": prompts, "tokens_per_day": prompts}, within=15.0)
 
 
 def test_a_concurrency_limit_of_n_never_sees_n_plus_one(env: Env) -> None:
