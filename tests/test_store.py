@@ -358,3 +358,29 @@ async def test_settle_and_release_into_old_or_gone_buckets_keep_the_total(lua: L
     await client.delete(key)
     await store.settle(p, "after", (second - 5,), 3)
     assert (await store.usage(p))[0].used == 3 and 0 < await client.pttl(key) <= 62_000
+
+
+async def test_estimates_in_flight_leave_with_their_settle_release_or_lease(lua: Lua) -> None:
+    store, client = lua.store, lua.client
+    p = lua.plan("f", Limits(tpm=1000, tokens_per_day=1000))
+    keys = [lua.counter(p, kind) for kind in ("tpm", "day")]
+
+    async def in_flight() -> list[dict[int, int]]:
+        fields = [await client.hgetall(key) for key in keys]
+        return [{int(k): int(v) for k, v in f.items() if k.lstrip(b"-").isdigit() and int(k) < int(OLDEST)}
+                for f in fields]
+
+    admitted = [await store.reserve(p, name, 300, TTL_MS) for name in ("settled", "released", "lost")]
+    assert [sum(held.values()) for held in await in_flight()] == [900, 900]
+    await store.settle(p, "settled", admitted[0].windows, -100)
+    assert await store.release(p, "released", TTL_MS)
+    assert [sum(held.values()) for held in await in_flight()] == [300, 300]
+    # The third one's replica died: move its lease's expiry into the past, as time would.
+    for key, held in zip(keys, await in_flight(), strict=True):
+        (field,) = held
+        await client.hdel(key, field)
+        await client.hset(key, -(int(time.time()) - 1), 300)
+    denied = await store.reserve(p, "next", 600, TTL_MS)  # 200 settled + 300 no longer in flight + 600
+    assert not denied.admitted and denied.reason == "limit"
+    assert await in_flight() == [{}, {}]  # the denial dropped what no longer counts
+    assert [s.used for s in await store.usage(p)] == [500, 500]
