@@ -20,6 +20,7 @@ import yaml
 
 from .config_reader import Reader
 from .config_types import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
     PROVIDERS,
     STRATEGIES,
     Config,
@@ -48,6 +49,7 @@ _T = TypeVar("_T")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 __all__ = [
+    "DEFAULT_MAX_OUTPUT_TOKENS",
     "PROVIDERS",
     "STRATEGIES",
     "Config",
@@ -249,14 +251,17 @@ def _model_settings(r: Reader, raw: Any, path: str, known: set[str]) -> Mapping[
     d = r.mapping(raw, path, known, optional=True) or {}
     out: dict[str, ModelConfig] = {}
     for model, settings in d.items():
-        s = r.mapping(settings, f"{path}.{model}", {"fallbacks"}) or {}
+        s = r.mapping(settings, f"{path}.{model}", {"fallbacks", "max_output_tokens"}) or {}
         fallbacks = tuple(f for i, f in enumerate(r.seq(s.get("fallbacks"), f"{path}.{model}.fallbacks"))
                           if r.string(f, f"{path}.{model}.fallbacks[{i}]", required=True))
         for i, name in enumerate(fallbacks):
             if name not in known or name == model:
                 r.problem(f"{path}.{model}.fallbacks[{i}]",
                           f"must be another configured model (got {name!r})")
-        out[str(model)] = ModelConfig(fallbacks=fallbacks)
+        out[str(model)] = ModelConfig(
+            fallbacks=fallbacks,
+            max_output_tokens=r.integer(s.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS),
+                                        f"{path}.{model}.max_output_tokens", minimum=1))
     return MappingProxyType(out)
 
 

@@ -81,9 +81,15 @@ class HealthConfig:
     max_cooldown: float = 3600.0
 
 
+# The largest output of the common chat models (gpt-4o, gpt-4o-mini): a request cannot get more
+# than its model writes, so no larger max_tokens is worth reserving for a model not configured.
+DEFAULT_MAX_OUTPUT_TOKENS = 16384
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     fallbacks: tuple[str, ...] = ()
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS  # bounds the completion part of the quota estimate
 
 
 @dataclass(frozen=True)

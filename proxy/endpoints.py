@@ -25,6 +25,7 @@ from .asgi import (
     send_bytes,
     send_error,
 )
+from .config import DEFAULT_MAX_OUTPUT_TOKENS
 from .errors import (
     AuthenticationError,
     Header,
@@ -119,10 +120,15 @@ class ChatCompletions:
         watch = DisconnectWatch()
         forwarded: Forwarded | None = None
         forward_started = time.perf_counter()
+        prompt_estimate, charge_at_least = request.prompt_tokens, 0
         try:
             with watch.watching(receive, scope):
+                # Left before an answer (the client went away, or shutdown ended it): an upstream may
+                # be at work on the prompt already, and providers bill a prompt they were sent.
+                charge_at_least = prompt_estimate
                 forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
                                                        _forward_headers(scope), watchdog)
+                charge_at_least = 0  # answered: what the answer used is charged
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
                 # Committed: no other attempt follows. Of the request only what counts its usage is
@@ -135,11 +141,14 @@ class ChatCompletions:
                         await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
                 else:
                     await self._relay_body(send, prompt_tokens, forwarded, record, watch)
+        except ProxyError:
+            charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
+            raise
         finally:
             record.upstream_time = time.perf_counter() - forward_started
             if forwarded is not None:
                 forwarded.finish(ok=record.status < 500 and record.status != 499, now=time.monotonic())
-            await reservation.settle(record.prompt_tokens + record.completion_tokens)
+            await reservation.settle(max(record.prompt_tokens + record.completion_tokens, charge_at_least))
 
     async def _relay_body(self, send: Send, prompt_tokens: int, fwd: Forwarded,
                           record: RequestRecord, watch: DisconnectWatch) -> None:
@@ -250,7 +259,11 @@ async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watc
 
 
 def _estimate(request: ChatRequest, rt: Runtime) -> int:
-    completion = request.max_tokens or rt.config.quotas.default_max_tokens
+    """What the quotas hold while the request is in flight: its prompt, and for each choice at
+    most what its model can write (an absurd ``max_tokens`` must not hold a team's whole budget)."""
+    settings = rt.config.models.get(request.model)
+    ceiling = settings.max_output_tokens if settings else DEFAULT_MAX_OUTPUT_TOKENS
+    completion = min(request.max_tokens or rt.config.quotas.default_max_tokens, ceiling)
     return request.prompt_tokens + completion * request.n
 
 

@@ -140,6 +140,14 @@ class UpstreamStreamError(UpstreamError):
     code = "upstream_stream_error"
 
 
+class UpstreamRateLimitError(ProxyError):
+    """Every candidate upstream is cooling down after a 429 of its own."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+
 class NoUpstreamAvailableError(ProxyError):
     """No candidate could be tried: all cooling down, ejected or saturated."""
 

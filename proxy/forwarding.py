@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ import orjson
 from . import providers
 from .config import RoutingConfig
 from .errors import (
+    Header,
     NoUpstreamAvailableError,
     ProxyError,
     UpstreamConnectionError,
     UpstreamError,
+    UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
 from .pool import Candidate, Pool
@@ -64,6 +67,7 @@ class _Tries:
     attempts: int = 0
     last: ProxyError | None = None
     failed_upstream: str = ""
+    rate_limited: bool = False  # the last failure was a 429
 
 
 class _AttemptFailed(Exception):
@@ -136,6 +140,10 @@ class Forwarder:
             if result is not None:
                 result.model, result.request_model = model, request.model
                 return result
+        if state.last is None or state.rate_limited:
+            held_off = _held_off(route, request.model, self._clock())
+            if held_off is not None:
+                raise held_off
         if state.last is None:
             raise NoUpstreamAvailableError(
                 f"No upstream for the model '{request.model}' is available right now; retry shortly.")
@@ -165,6 +173,7 @@ class Forwarder:
                                              watchdog)
             except _AttemptFailed as failed:
                 state.last, state.failed_upstream = failed.error, candidate.upstream.name
+                state.rate_limited = failed.outcome == "429"
                 continue
             result.attempts = state.attempts
             return result
@@ -309,6 +318,36 @@ class Forwarder:
         if response is not None:
             response.close()
         self._events.attempt(up.name, outcome, now - started)
+
+
+def _held_off(route: Route, model: str, now: float) -> ProxyError | None:
+    """The answer when no candidate of the route can take a request now (None when one can), with
+    ``Retry-After`` until the first is back: 429 when all of them are cooling down after 429s
+    (the client should slow down, as the upstreams asked), else 503."""
+    upstreams = list({c.upstream.name: c.upstream for _, found in route.models for c in found}.values())
+    if any(up.available(now) for up in upstreams):
+        return None
+    states = [up.health.state(now) for up in upstreams]
+    if all(state == "cooling_down" for state in states):
+        wait = min(up.health.blocked_until() for up in upstreams) - now
+        return UpstreamRateLimitError(
+            f"Every upstream for the model '{model}' is rate limited; retry in {math.ceil(wait)}s.",
+            headers=_retry_after(wait))
+    # Held until a known time (a cooldown, an ejection's back-off up to its half-open probe, bad
+    # credentials' recheck); a probe under way or a full upstream may free up any moment.
+    back = [up.health.blocked_until() if state in ("cooling_down", "ejected", "credentials_bad") else now + 1
+            for up, state in zip(upstreams, states, strict=True)]
+    wait = min(back) - now
+    if math.isinf(wait):  # ejected by the active check: back when a check passes
+        return NoUpstreamAvailableError(f"No upstream for the model '{model}' is available right now.")
+    return NoUpstreamAvailableError(
+        f"No upstream for the model '{model}' is available right now; retry in {math.ceil(wait)}s.",
+        headers=_retry_after(wait))
+
+
+def _retry_after(seconds: float) -> list[Header]:
+    ms = max(1, math.ceil(seconds * 1000))
+    return [(b"retry-after", b"%d" % -(-ms // 1000)), (b"retry-after-ms", b"%d" % ms)]
 
 
 def _check_event_stream(response: UpstreamResponse) -> None:

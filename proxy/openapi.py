@@ -48,12 +48,16 @@ ERRORS: tuple[tuple[str, str, str], ...] = (
     ("404", "ModelNotFound", "No upstream serves this model."),
     ("408", "RequestTimeout", "The body did not arrive within the gateway's body timeout."),
     ("413", "RequestTooLarge", "The body is larger than the gateway accepts."),
-    ("429", "RateLimited", "A quota of the key or its team is used up, or this address failed "
-                           "authentication too often (`code: auth_failures`); retry after "
-                           "`Retry-After` seconds."),
+    ("429", "RateLimited", "A quota of the key or its team is used up or held by requests in flight; "
+                           "the request's token estimate alone exceeds a limit (`code: "
+                           "estimate_exceeds_limit`, `x-should-retry: false`); every upstream of the "
+                           "model is cooling down after its own 429 (`code: upstream_rate_limited`); or "
+                           "this address failed authentication too often (`code: auth_failures`). "
+                           "Retry after `Retry-After` seconds."),
     ("502", "BadGateway", "Every upstream tried failed, or a stream broke."),
-    ("503", "ServiceUnavailable", "No upstream is available now (all cooling down, ejected or "
-                                  "saturated), or the quota store is down and the gateway fails closed."),
+    ("503", "ServiceUnavailable", "No upstream is available now (ejected, bad credentials or saturated; "
+                                  "`Retry-After` until the first may be tried), or the quota store is "
+                                  "down and the gateway fails closed."),
     ("504", "GatewayTimeout", "No upstream answered within the deadline."),
 )
 RATE_LIMIT_HEADERS = ("limit-requests", "remaining-requests", "reset-requests",

@@ -383,22 +383,38 @@ def denial(policy: KeyPolicy, plan: Plan, admission: Admission, headers: tuple[H
            estimate: int) -> RateLimitError:
     check, state = plan.checks[admission.denied], admission.states[admission.denied]
     owner = f"team '{policy.team}'" if check.subject.startswith("t:") else f"key '{policy.name}'"
-    what = _DESCRIPTIONS[check.kind]
+    what, limit = _DESCRIPTIONS[check.kind], LIMIT_NAMES[check.kind]
+    if admission.reason == "too_large":
+        # No wait makes it fit: the request must change, and the SDKs must not retry it.
+        return RateLimitError(
+            f"Request too large for {owner} on {what}: Limit {check.limit}, Requested {estimate}. "
+            f"The request may use up to {estimate} tokens (its prompt, plus max_tokens for each of its "
+            f"n choices); lower max_tokens or n, or shorten the prompt.",
+            limit_type="tokens", code="estimate_exceeds_limit", limit=limit,
+            headers=[(b"x-should-retry", b"false"), *headers])
     wait = duration(admission.retry_ms)
     retry = [(b"retry-after", str(retry_seconds(admission.retry_ms)).encode()),
              (b"retry-after-ms", str(max(admission.retry_ms, 1)).encode())]
-    if check.kind in ("day", "month"):
-        # Retrying within seconds cannot help a spent budget; tell the SDKs not to.
+    if admission.reason == "in_flight":
         return RateLimitError(
-            f"You exceeded the {what} budget of {owner}: Limit {check.limit}, Used {state.used}. "
-            f"It resets in {wait}.", limit_type="tokens", code="insufficient_quota",
-            limit=LIMIT_NAMES[check.kind],
-            headers=[*retry, (b"x-should-retry", b"false"), *headers])
+            f"Rate limit reached for {owner} on {what}: Limit {check.limit}, Used {state.used}, "
+            f"Requested {estimate}. Requests still in flight hold part of it and may settle lower. "
+            f"Please try again in {wait}.", limit_type="tokens", limit=limit,
+            headers=[*retry, (b"x-should-retry", b"true"), *headers])
+    if check.kind in ("day", "month"):
+        # Settled usage leaves too little: retrying within seconds cannot help; tell the SDKs not to.
+        spent = (f"You exceeded the {what} budget of {owner}: Limit {check.limit}, Used {state.used}. "
+                 f"It resets in {wait}." if state.used >= check.limit else
+                 f"The {what} budget of {owner} has less left than this request may use: Limit "
+                 f"{check.limit}, Used {state.used}, Requested {estimate}. It resets in {wait}; a lower "
+                 f"max_tokens may fit what is left.")
+        return RateLimitError(spent, limit_type="tokens", code="insufficient_quota", limit=limit,
+                              headers=[*retry, (b"x-should-retry", b"false"), *headers])
     requested = 1 if check.kind in ("rpm", "concurrency") else estimate
     return RateLimitError(
         f"Rate limit reached for {owner} on {what}: Limit {check.limit}, Used {state.used}, "
         f"Requested {requested}. Please try again in {wait}.",
-        limit_type="tokens" if check.kind == "tpm" else "requests", limit=LIMIT_NAMES[check.kind],
+        limit_type="tokens" if check.kind == "tpm" else "requests", limit=limit,
         headers=[*retry, *headers])
 
 

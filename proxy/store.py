@@ -24,10 +24,18 @@ raises ``ServiceUnavailableError``: it is a re-sent call, or one that Redis ran
 only after its release. So a release is harmless run twice, run for a
 reservation never made, or run before the reservation it undoes.
 
-A token limit has room while its counter is below the limit, and the whole
-estimate is charged, so a counter ends at most one request above its limit
-(a request's estimate, or its actual usage when that was larger). That keeps a
-large estimate (``max_tokens`` defaults) from being refused forever.
+A check has room when what the request adds (one request; for a token limit
+its estimate, at least 1) fits within the limit, so a counter goes above its
+limit only by usage that came out larger than its estimate. A token limit
+that has no room says why (``Denial``): the estimate alone is larger than
+the limit (``too_large``: it never fits); it would fit but for the estimates
+of other requests still in flight (``in_flight``: they may settle lower, so
+the request may retry soon); or settled usage leaves too little (``limit``).
+For that, every token counter also keeps the estimates of its reservations
+in flight, by the second their lease expires (for ``tpm``, no later than the
+second their bucket leaves the window): a settle or a release takes an
+estimate out again, and one whose lease expired without either stays charged
+as settled usage.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ from .errors import ServiceUnavailableError
 
 Kind = Literal["rpm", "tpm", "concurrency", "day", "month"]
 KINDS: tuple[Kind, ...] = ("rpm", "tpm", "concurrency", "day", "month")
+TOKEN_KINDS: tuple[Kind, ...] = ("tpm", "day", "month")
+Denial = Literal["in_flight", "limit", "too_large"]  # why a check had no room, gravest last
+DENIALS: tuple[Denial, ...] = ("in_flight", "limit", "too_large")  # reserve.lua's 1, 2, 3
 
 WINDOW_MS = 60_000
 BUCKET_MS = 1_000
@@ -80,6 +91,7 @@ class Admission:
     retry_ms: int
     states: tuple[CheckState, ...]
     windows: tuple[int, ...]  # per check: where the estimate went; settle needs it back
+    reason: Denial | None = None  # why the check that denied had no room; None when admitted
 
 
 class QuotaStore(Protocol):
@@ -162,6 +174,11 @@ class _LeaseRecord:
     windows: tuple[int, ...] = ()
     released: bool = False  # a tombstone
 
+    @property
+    def second(self) -> int:
+        """The lease's expiry in whole seconds, rounded up: where its estimate is held in flight."""
+        return -(-self.expires // BUCKET_MS)
+
 
 class MemoryQuotaStore:
     """The Redis store's rules in one process; valid for a single replica only.
@@ -174,6 +191,7 @@ class MemoryQuotaStore:
         self._buckets: dict[str, dict[int, int]] = {}
         self._leases: dict[str, dict[str, int]] = {}
         self._windows: dict[str, _Window] = {}
+        self._held: dict[str, dict[int, int]] = {}  # a token counter's estimates in flight, by second
         self._records: dict[str, _LeaseRecord] = {}
         self._next_sweep = 0
 
@@ -188,25 +206,63 @@ class MemoryQuotaStore:
             raise lease_seen()
         keys = [_key(plan, c) for c in plan.checks]
         states = [self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True)]
-        denied, retry = -1, 0
+        denied, reason, retry = -1, 0, 0
         for i, (check, state) in enumerate(zip(plan.checks, states, strict=True)):
-            if state.used >= check.limit:
-                wait = self._retry(keys[i], check, state, now)
-                if wait > retry or denied < 0:
-                    denied, retry = i, wait
+            need = max(_amount(check.kind, estimate), 1)
+            if state.used + need > check.limit:
+                why, wait = self._denial(keys[i], check, state, need, now)
+                if why > reason or (why == reason and wait > retry):
+                    denied, reason, retry = i, why, wait
         if denied >= 0:
-            return Admission(False, denied, max(retry, 1), tuple(states), ())
+            return Admission(False, denied, max(retry, 1), tuple(states), (), DENIALS[reason - 1])
         windows = tuple(self._charge(k, c, now, lease, estimate, lease_ttl_ms)
                         for k, c in zip(keys, plan.checks, strict=True))
-        self._records[record] = _LeaseRecord(now + lease_ttl_ms, estimate, windows)
+        made = self._records[record] = _LeaseRecord(now + lease_ttl_ms, estimate, windows)
+        for key, check, window in zip(keys, plan.checks, windows, strict=True):
+            self._hold(key, check.kind, window, made, estimate)
         after = tuple(self._state(k, c, now) for k, c in zip(keys, plan.checks, strict=True))
         return Admission(True, -1, 0, after, windows)
 
+    def _denial(self, key: str, check: Check, state: CheckState, need: int, now: int) -> tuple[int, int]:
+        """Why a check has no room for ``need`` (1-based in ``DENIALS``), and the retry for it."""
+        if check.kind in TOKEN_KINDS:
+            if 0 < check.limit < need:
+                return DENIALS.index("too_large") + 1, 0
+            if state.used - self._in_flight(key, check, now) + need <= check.limit:
+                return DENIALS.index("in_flight") + 1, UNKNOWN_RETRY_MS  # nobody knows when they settle
+        return DENIALS.index("limit") + 1, self._retry(key, check, state, need, now)
+
+    def _in_flight(self, key: str, check: Check, now: int) -> int:
+        """Tokens of a counter that reservations in flight hold; drops what no longer counts."""
+        if check.kind != "tpm":
+            counter = self._windows.get(key)
+            if counter is None or counter.index != _calendar(check.kind, now)[0]:
+                return 0
+        held = self._held.get(key, {})
+        for second in [s for s in held if s * BUCKET_MS <= now]:
+            del held[second]
+        return sum(held.values())
+
+    def _hold(self, key: str, kind: Kind, window: int, record: _LeaseRecord, tokens: int) -> None:
+        """Add ``tokens`` (or, negative, take them out) to a reservation's in-flight field."""
+        if kind not in TOKEN_KINDS or not record.estimate:
+            return
+        second = min(record.second, window + BUCKETS + 1) if kind == "tpm" else record.second
+        held = self._held.setdefault(key, {})
+        left = held.get(second, 0) + tokens
+        if left > 0:
+            held[second] = left
+        else:
+            held.pop(second, None)
+
     async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
         now = self._now()
+        record = self._record(_lease_key(plan, lease), now)
         self._records.pop(_lease_key(plan, lease), None)
         for check, window in zip(plan.checks, windows, strict=True):
             key = _key(plan, check)
+            if record is not None and not record.released and self._current(key, check, window):
+                self._hold(key, check.kind, window, record, -record.estimate)
             if check.kind == "concurrency":
                 self._leases.get(key, {}).pop(lease, None)
             elif check.kind == "tpm" and delta:
@@ -220,6 +276,13 @@ class MemoryQuotaStore:
                 counter = self._windows.get(key)
                 if counter is not None and counter.index == window:
                     counter.used = max(0, counter.used + delta)
+
+    def _current(self, key: str, check: Check, window: int) -> bool:
+        """Whether a day or month counter still counts ``window`` (other kinds: always)."""
+        if check.kind not in ("day", "month"):
+            return True
+        counter = self._windows.get(key)
+        return counter is not None and counter.index == window
 
     async def release(self, plan: Plan, lease: str, lease_ttl_ms: int) -> bool:
         now = self._now()
@@ -241,10 +304,11 @@ class MemoryQuotaStore:
             left = buckets.pop(window, 0) - _amount(check.kind, record.estimate)
             if left > 0:
                 buckets[window] = left
-        else:
-            counter = self._windows.get(key)
-            if counter is not None and counter.index == window:
-                counter.used = max(0, counter.used - record.estimate)
+            self._hold(key, check.kind, window, record, -record.estimate)
+        elif self._current(key, check, window):
+            counter = self._windows[key]
+            counter.used = max(0, counter.used - record.estimate)
+            self._hold(key, check.kind, window, record, -record.estimate)
 
     def _record(self, key: str, now: int) -> _LeaseRecord | None:
         record = self._records.get(key)
@@ -294,12 +358,12 @@ class MemoryQuotaStore:
             del buckets[stale]
         return sorted(buckets.items())
 
-    def _retry(self, key: str, check: Check, state: CheckState, now: int) -> int:
+    def _retry(self, key: str, check: Check, state: CheckState, need: int, now: int) -> int:
         if check.kind in ("rpm", "tpm"):
             left = state.used
             for bucket, tokens in self._counted_buckets(key, now):
                 left -= tokens
-                if left < check.limit:
+                if left + need <= check.limit:
                     return (bucket + BUCKETS + 1) * BUCKET_MS - now
             return WINDOW_MS
         if check.kind == "concurrency":
@@ -321,13 +385,14 @@ class MemoryQuotaStore:
         counter = self._windows.get(key)
         if counter is None or counter.index != index:
             counter = self._windows[key] = _Window(index, 0)
+            self._held.pop(key, None)  # the last window's estimates in flight go with its count
         counter.used += estimate
         return index
 
 
 def _amount(kind: Kind, estimate: int) -> int:
-    """What a reservation charges an rpm or tpm check: one request, or its estimate in tokens."""
-    return 1 if kind == "rpm" else estimate
+    """What a reservation charges a check: one request, or its estimate in tokens."""
+    return 1 if kind in ("rpm", "concurrency") else estimate
 
 
 def _key(plan: Plan, check: Check) -> str:

@@ -38,7 +38,7 @@ from redis.commands.core import AsyncScript
 
 from .errors import ServiceUnavailableError
 from .redis_pipe import RedisPipe, Script
-from .store import AUDIT_MAX, Admission, CheckState, Kind, Live, Plan, Record, lease_seen
+from .store import AUDIT_MAX, DENIALS, Admission, CheckState, Kind, Live, Plan, Record, lease_seen
 
 Client = Redis | RedisCluster
 T = TypeVar("T")
@@ -159,10 +159,11 @@ def _lease_key(plan: Plan, lease: str) -> str:
 
 
 def _checked(raw: Any, plan: Plan, operation: str) -> list[int]:
-    """reserve.lua's reply for this plan, {admitted, denied, retry, then 4 integers per check};
+    """reserve.lua's reply for this plan, {admitted, denied, retry, why, then 4 integers per check};
     anything else (a stale or garbled reply) is the store failing."""
-    if (not isinstance(raw, list) or len(raw) != 3 + 4 * len(plan.checks) or any(type(v) is not int for v in raw)
-            or raw[0] not in (0, 1) or not 0 <= raw[1] <= len(plan.checks)):
+    if (not isinstance(raw, list) or len(raw) != 4 + 4 * len(plan.checks) or any(type(v) is not int for v in raw)
+            or raw[0] not in (0, 1) or not 0 <= raw[1] <= len(plan.checks) or not 0 <= raw[3] <= len(DENIALS)
+            or (raw[1] == 0) != (raw[3] == 0)):
         raise unavailable(operation, "unexpected reply")
     return raw
 
@@ -224,9 +225,10 @@ class RedisQuotaStore:
         if raw == [0, 0, 0]:
             raise lease_seen()
         values = _checked(raw, plan, "reserve")
-        states = tuple(CheckState(*values[i:i + 3]) for i in range(3, len(values), 4))
-        windows = tuple(values[i + 3] for i in range(3, len(values), 4))
-        return Admission(bool(values[0]), values[1] - 1, values[2], states, windows if values[0] else ())
+        states = tuple(CheckState(*values[i:i + 3]) for i in range(4, len(values), 4))
+        windows = tuple(values[i + 3] for i in range(4, len(values), 4))
+        return Admission(bool(values[0]), values[1] - 1, values[2], states, windows if values[0] else (),
+                         DENIALS[values[3] - 1] if values[1] else None)
 
     async def settle(self, plan: Plan, lease: str, windows: tuple[int, ...], delta: int) -> None:
         args: list[str | int] = [lease, delta]
@@ -246,7 +248,7 @@ class RedisQuotaStore:
 
     async def usage(self, plan: Plan) -> tuple[CheckState, ...]:
         values = _checked(await self._run("usage", plan, [], "peek", "", 0, 0), plan, "usage")
-        return tuple(CheckState(*values[i:i + 3]) for i in range(3, len(values), 4))
+        return tuple(CheckState(*values[i:i + 3]) for i in range(4, len(values), 4))
 
     async def _run(self, operation: str, plan: Plan, extra_keys: list[str], *head: str | int) -> Any:
         args: list[str | int] = list(head)

@@ -149,3 +149,13 @@ def test_check_config_cli(tmp_path: Path) -> None:
     fail = subprocess.run([*run, str(bad)], capture_output=True, text=True)
     assert fail.returncode == 1
     assert "upstreams[0].timeout.first_byte: must be > 0" in fail.stderr
+
+
+def test_a_models_maximum_output_bounds_its_quota_estimate() -> None:
+    assert parse_config(MINIMAL + "models: {m: {max_output_tokens: 8192}}\n", {}).models["m"].max_output_tokens == 8192
+    assert parse_config(MINIMAL + "models: {m: {fallbacks: []}}\n", {}).models["m"].max_output_tokens == 16384
+    assert _problems(MINIMAL + "models: {m: {max_output_tokens: 0}}\n") == [
+        "models.m.max_output_tokens: must be >= 1"]
+    assert _problems(MINIMAL + "models: {m: {max_output_tokens: lots}}\n") == [
+        "models.m.max_output_tokens: must be an integer"]
+    assert _problems(MINIMAL + "models: {other: {max_output_tokens: 10}}\n")  # not a configured model

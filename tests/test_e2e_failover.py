@@ -91,15 +91,61 @@ def test_all_candidates_failing_is_502_quickly(gateway: StartGateway, stub: Stub
     assert err.value.status_code == 502 and err.value.code == "upstream_error"
 
 
-def test_every_candidate_cooling_down_is_503(gateway: StartGateway, stub: StubUpstream) -> None:
+def test_every_candidate_cooling_down_after_its_429_is_a_429_with_retry_after(
+        gateway: StartGateway, stub: StubUpstream) -> None:
     gw = gateway(_config(_up("a", stub.url)))
     stub.behave("429", retry_after=30)
-    assert _post(gw).status_code == 502
-    started = time.monotonic()
+    for _ in range(2):  # the upstream's own 429, then the gateway holding off as it asked
+        resp = _post(gw)
+        assert resp.status_code == 429, resp.text
+        error = resp.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "upstream_rate_limited"
+        assert 1 <= int(resp.headers["retry-after"]) <= 30  # until the cooldown ends, rounded up
+        assert 0 < int(resp.headers["retry-after-ms"]) <= 30_000
+    assert len(stub.chat_requests) == 1  # the cooldown is kept: no second request upstream
+
+
+def test_the_openai_sdk_waits_out_an_upstream_429_and_then_succeeds(gateway: StartGateway,
+                                                                   stub: StubUpstream) -> None:
+    gw = gateway(_config(_up("a", stub.url)))
+    # Longer than the SDK's own back-off (0.5 s, then 1 s): it only gets through by honouring Retry-After.
+    stub.queue(Behaviour("429", {"retry_after": 3}))
+    seen: list[tuple[int, str | None]] = []
+
+    def record(response: httpx.Response) -> None:
+        seen.append((response.status_code, response.headers.get("retry-after")))
+
+    with openai.DefaultHttpxClient(event_hooks={"response": [record]}) as http:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=2, timeout=30, http_client=http)
+        completion = client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content
+    assert [status for status, _ in seen] == [429, 200]
+    assert seen[0][1] is not None and 1 <= int(seen[0][1]) <= 3
+    assert len(stub.chat_requests) == 2
+
+
+def test_every_candidate_ejected_is_a_503_with_retry_after_until_its_probe(
+        gateway: StartGateway, stub: StubUpstream) -> None:
+    gw = gateway(_config(_up("a", stub.url)) + "health: {failure_threshold: 1, base_ejection: 20}\n")
+    stub.behave("status", status=500)
+    assert _post(gw).status_code == 502  # it failed: ejected for 20 s
     resp = _post(gw)
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_upstream_available"
-    assert time.monotonic() - started < 1
+    assert 1 <= int(resp.headers["retry-after"]) <= 20  # until the half-open probe may go
     assert len(stub.chat_requests) == 1
+
+
+def test_candidates_held_for_different_reasons_give_a_503_until_the_first_is_back(
+        gateway: StartGateway, stub: StubUpstream, stub2: StubUpstream) -> None:
+    gw = gateway(_config(_up("a", stub.url), _up("b", stub2.url))
+                 + "health: {failure_threshold: 1, base_ejection: 20}\n")
+    stub.behave("429", retry_after=60)
+    stub2.behave("status", status=500)
+    assert _post(gw).status_code in (502, 503)  # both tried: one cools down for 60 s, one is ejected for 20
+    resp = _post(gw)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_upstream_available"
+    assert 1 <= int(resp.headers["retry-after"]) <= 20  # the ejected one's probe comes first
+    assert len(stub.chat_requests) == len(stub2.chat_requests) == 1
 
 
 def test_max_attempts_bounds_the_tries(gateway: StartGateway, stub: StubUpstream,

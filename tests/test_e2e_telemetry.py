@@ -133,7 +133,8 @@ keys: [{{name: app, key: {KEY}, team: team-a, limits: {{tokens_per_day: 1000}}}}
 teams: [{{name: team-a, limits: {{tokens_per_month: 50000}}}}]
 """)
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
-    used = client.chat.completions.create(model="m", messages=MESSAGES).usage  # type: ignore[arg-type]
+    # max_tokens: without it the estimate (4096 tokens) would not fit in the day's 1000.
+    used = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16).usage  # type: ignore[arg-type]
     assert used is not None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

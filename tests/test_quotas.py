@@ -190,21 +190,66 @@ async def test_concurrency_holds_across_overlapping_requests(make_service: MakeS
     assert peak == 4 and admitted >= 5 * 4
 
 
-async def test_token_budget_overshoots_by_at_most_one_estimate(make_service: MakeService) -> None:
+async def test_a_token_budget_admits_what_fits_then_says_who_holds_the_rest(make_service: MakeService) -> None:
     service = make_service()
     p = policy(tokens_per_day=1000)
     admitted = [r for r in await outcomes(service, p, 50, estimate=300) if r is not None]
-    assert len(admitted) == 4  # 0, 300, 600, 900 are below 1000; 1200 overshoots by less than 300
+    assert len(admitted) == 3  # 900; a fourth would end at 1200
+    # Held only by requests in flight, which may settle lower: retry soon, not tomorrow.
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 300)
+    busy = err.value
+    assert busy.code == "rate_limit_exceeded" and busy.type == "tokens" and "in flight" in busy.message
+    assert header(busy.headers, "retry-after") == "1" and header(busy.headers, "x-should-retry") == "true"
+    for reservation in admitted:
+        await reservation.settle(300)
+    # Settled usage leaves 100: this request does not fit until the day ends, but a smaller one does.
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 300)
+    short = err.value
+    assert short.code == "insufficient_quota" and "Requested 300" in short.message
+    assert header(short.headers, "x-should-retry") == "false"
+    await (await service.reserve(p, 100)).settle(100)
     with pytest.raises(RateLimitError) as err:
         await service.reserve(p, 1)
     exc = err.value
     assert exc.code == "insufficient_quota" and exc.type == "tokens" and "per day" in exc.message
-    assert header(exc.headers, "x-should-retry") == "false"
+    assert "You exceeded" in exc.message and header(exc.headers, "x-should-retry") == "false"
     now = datetime.now(UTC).timestamp()
     to_midnight = (now // 86400 + 1) * 86400 - now
     assert abs(int(header(exc.headers, "retry-after") or 0) - to_midnight) <= 3
     usage = await service.key_usage(p)
-    assert usage[0].used == 1200 and usage[0].remaining == 0
+    assert usage[0].used == 1000 and usage[0].remaining == 0
+
+
+async def test_a_request_larger_than_its_teams_budget_is_refused_and_locks_nobody_out(
+        make_service: MakeService) -> None:
+    service = make_service()
+    team = Limits(tokens_per_day=10_000)
+    greedy, other = policy("greedy", "t", team), policy("other", "t", team)
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(greedy, 2**31 - 1)
+    exc = err.value
+    assert exc.status == 429 and exc.code == "estimate_exceeds_limit" and exc.limit == "tokens_per_day"
+    assert "Request too large for team 't'" in exc.message and "Limit 10000" in exc.message
+    assert header(exc.headers, "x-should-retry") == "false" and header(exc.headers, "retry-after") is None
+    assert [u.used for u in await service.team_usage("t", team)] == [0]  # it charged nothing
+    await (await service.reserve(other, 500)).settle(500)
+
+
+async def test_a_denial_only_by_requests_in_flight_is_retryable(make_service: MakeService) -> None:
+    service = make_service()
+    team = Limits(tokens_per_day=10_000)
+    holder, waiting = policy("holder", "t", team), policy("waiting", "t", team)
+    held = await service.reserve(holder, 10_000)  # a whole day's budget, estimated
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(waiting, 200)
+    exc = err.value
+    assert exc.code == "rate_limit_exceeded" and exc.type == "tokens" and "team 't'" in exc.message
+    assert header(exc.headers, "retry-after") == "1" and header(exc.headers, "x-should-retry") == "true"
+    await held.settle(300)  # it used far less
+    await (await service.reserve(waiting, 200)).settle(200)
+    assert [u.used for u in await service.team_usage("t", team)] == [500]
 
 
 async def test_settle_replaces_the_estimate_with_actual_usage(make_service: MakeService) -> None:
@@ -231,13 +276,17 @@ async def test_upstream_failure_releases_and_charges_nothing(make_service: MakeS
 async def test_tpm_denial_is_a_tokens_limit(make_service: MakeService) -> None:
     service = make_service()
     p = policy(tpm=100)
-    await service.reserve(p, 150)  # below the limit when it came: admitted, overshooting by its estimate
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 150)  # never fits in 100
+    assert err.value.code == "estimate_exceeds_limit" and "(TPM)" in err.value.message
+    await (await service.reserve(p, 100)).settle(95)
     with pytest.raises(RateLimitError) as err:
         await service.reserve(p, 10)
     exc = err.value
     assert exc.type == "tokens" and exc.code == "rate_limit_exceeded" and "(TPM)" in exc.message
+    assert "Requested 10" in exc.message and header(exc.headers, "x-should-retry") is None
     assert 59 <= int(header(exc.headers, "retry-after") or 0) <= 61
-    assert header(exc.headers, "x-ratelimit-remaining-tokens") == "0"
+    assert header(exc.headers, "x-ratelimit-remaining-tokens") == "5"
 
 
 async def test_team_limit_is_shared_by_its_keys_and_named(make_service: MakeService) -> None:
@@ -257,12 +306,12 @@ async def test_denial_charges_nothing(make_service: MakeService) -> None:
     service = make_service()
     team = Limits(tokens_per_day=10)
     p = policy("a", "t", team, rpm=5, tpm=1000)
-    await service.reserve(p, 20)
+    await service.reserve(p, 8)
     for _ in range(3):
         with pytest.raises(RateLimitError):
-            await service.reserve(p, 20)
+            await service.reserve(p, 5)
     usage = {u.limit: u.used for u in await service.key_usage(p)}
-    assert usage == {"rpm": 1, "tpm": 20}
+    assert usage == {"rpm": 1, "tpm": 8}
 
 
 async def test_headers_use_openai_formats(make_service: MakeService) -> None:
@@ -354,12 +403,26 @@ async def test_leases_expire_by_themselves() -> None:
     await service.reserve(p, 1)
 
 
+async def test_an_estimate_whose_lease_expired_counts_as_settled() -> None:
+    service, clock = clocked(3_500_000.0)
+    p = policy(tokens_per_day=1000)
+    await service.reserve(p, 900)  # never settled: its replica died
+    clock.now += 29.0
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 200)
+    assert err.value.code == "rate_limit_exceeded"  # in flight still: it may settle lower
+    clock.now += 2.0  # past lease_ttl (30 s): the estimate stays charged, as used
+    with pytest.raises(RateLimitError) as err:
+        await service.reserve(p, 200)
+    assert err.value.code == "insufficient_quota"
+
+
 async def test_day_and_month_windows_are_utc_calendar() -> None:
     start = datetime(2025, 1, 31, 23, 59, 0, tzinfo=UTC).timestamp()
     service, clock = clocked(start)
     day, month = policy("d", tokens_per_day=10), policy("m", tokens_per_month=10)
     for p in (day, month):
-        await service.reserve(p, 10)
+        await (await service.reserve(p, 10)).settle(10)
         with pytest.raises(RateLimitError) as err:
             await service.reserve(p, 1)
         assert header(err.value.headers, "retry-after") == "60"

@@ -106,7 +106,7 @@ async def clocked(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(store_redis, "_lua", on_test_clock)
     client = aioredis.Redis.from_url(redis_server.url)
     await client.flushall()
-    now = [1_800_000_000_000]
+    now = [1_800_057_000_000]  # ten minutes before a UTC midnight: the day window turns
     made = Clocked(client, RedisQuotaStore.from_url(redis_server.url, 5.0),
                    MemoryQuotaStore(lambda: (now[0] + 0.5) / 1000), now)
     await made.advance(0)
@@ -116,8 +116,10 @@ async def clocked(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def random_plan(rng: random.Random) -> Plan:
-    key = Limits(rpm=rng.choice([3, 8, 60]), tpm=rng.choice([30, 100, 400]), concurrency=rng.choice([5, 100]))
-    team = Limits(rpm=rng.choice([5, 12, 1000]), tpm=rng.choice([50, 200]))
+    key = Limits(rpm=rng.choice([None, 3, 8, 60]), tpm=rng.choice([30, 100, 400]), concurrency=rng.choice([5, 100]),
+                 tokens_per_month=rng.choice([None, 600, 5000]))
+    team = Limits(rpm=rng.choice([None, 12, 1000]), tpm=rng.choice([50, 200, 1000]),
+                  tokens_per_day=rng.choice([None, 300, 2000]))
     made = plan_for(KeyPolicy(id="static:s", name="s", team="t", models=None, limits=key, team_limits=team))
     assert made is not None
     return made
@@ -150,13 +152,13 @@ async def random_operations(clocked: Clocked, rng: random.Random, steps_back: bo
                               else rng.choice([0, 0, 1, 7, 100, 400, 999, 1000, 1500]))
         action = rng.random()
         if action < 0.45:
-            lease, estimate = f"l{i}", rng.choice([0, 1, 5, 40])
+            lease, estimate = f"l{i}", rng.choice([0, 1, 5, 40, 150])
             got = await clocked.redis.reserve(plan, lease, estimate, TTL_MS)
             assert memory is None or got == await memory.reserve(plan, lease, estimate, TTL_MS), f"#{i} reserve"
             if got.admitted:
                 open_leases[lease] = got.windows
                 every_lease.append(lease)
-            outcomes.add("admitted" if got.admitted else plan.checks[got.denied].kind)
+            outcomes.add("admitted" if got.admitted else f"{plan.checks[got.denied].kind} {got.reason}")
             what = f"#{i} reserve {lease} {estimate}"
         elif action < 0.7 and open_leases:
             lease = rng.choice(sorted(open_leases))

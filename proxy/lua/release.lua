@@ -10,10 +10,17 @@
 -- Returns  1 if it undid a reservation, 0 if there was none to undo
 
 local TOTAL, OLDEST = '-1', '-2'  -- of an rpm or tpm bucket hash: see reserve.lua
+local BUCKETS = 60
 local lease, ttl = ARGV[1], tonumber(ARGV[2])
 local n = #ARGV - 2
 local record = KEYS[n + 1]
 local estimate = tonumber(redis.call('HGET', record, 'e'))
+local expiry = tonumber(redis.call('HGET', record, 'x'))
+
+-- Take the estimate out of its in-flight field (reserve.lua); a field at 0 goes.
+local function unhold(key, field)
+  if redis.call('HINCRBY', key, field, -estimate) <= 0 then redis.call('HDEL', key, field) end
+end
 
 if estimate then
   for i = 1, n do
@@ -33,8 +40,11 @@ if estimate then
         change = -take - r
       end
       if change ~= 0 then redis.call('HINCRBY', key, TOTAL, change) end
-    elseif tonumber(redis.call('HGET', key, 'w')) == window then  -- day, month: still that window
+      if kind == 'tpm' and expiry then unhold(key, -math.min(expiry, window + BUCKETS + 1)) end
+    elseif (kind == 'day' or kind == 'month') and estimate > 0  -- (Redis reads -0 as no integer)
+        and tonumber(redis.call('HGET', key, 'w')) == window then  -- still that window
       if redis.call('HINCRBY', key, 'n', -estimate) < 0 then redis.call('HSET', key, 'n', 0) end
+      if expiry then unhold(key, -expiry) end
     end
   end
 end

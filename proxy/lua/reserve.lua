@@ -5,19 +5,37 @@
 --          then, to reserve, the lease record (KEYS[n + 1])
 -- ARGV     mode ("reserve" | "peek"), lease id, estimate, lease ttl (ms),
 --          then kind_i, limit_i for each check
--- Returns  {admitted, denied (1-based, 0 if none), retry_ms,
---           then used_i, remaining_i, reset_ms_i, window_i for each check}
+-- Returns  {admitted, denied (1-based, 0 if none), retry_ms, why (0 if admitted, else BUSY,
+--           LIMIT or TOO_LARGE, below), then used_i, remaining_i, reset_ms_i, window_i for each check}
 --          or {0, 0, 0} alone, charging nothing: this lease's record (or tombstone) is
 --          there already, so this is a re-sent call, or one that came after its release.
 --
--- An admitted reservation leaves its lease record, a hash {e: estimate, i: window_i}
--- that lives as long as the lease (ttl): release.lua undoes exactly that charge when
--- the gateway never got this answer; settle.lua deletes it.
+-- A check has room when what this request adds (one request, or the estimate in tokens, at
+-- least 1) fits below its limit. A token check that has none says why:
+--   TOO_LARGE  the estimate alone is larger than the (non-zero) limit: it never fits;
+--   BUSY       it would fit but for the estimates of requests in flight (they may settle lower);
+--   LIMIT      it does not fit even without them: settled usage fills the limit.
+-- rpm and concurrency deny with LIMIT. Of several checks that deny, the one with the gravest
+-- reason is named, then the one with room last.
+--
+-- An admitted reservation leaves its lease record, a hash {e: estimate, x: in-flight second
+-- (below), i: window_i} that lives as long as the lease (ttl): release.lua undoes exactly
+-- that charge when the gateway never got this answer; settle.lua deletes it.
+--
+-- In-flight fields: every token counter (a tpm bucket hash, a day or month hash) also keeps
+-- the estimates of its reservations in flight, summed by the second they stop counting as in
+-- flight: field -s => tokens, for s = the lease's expiry second (rounded up), and for tpm no
+-- later than the second its bucket leaves the window. A settle or a release takes its
+-- estimate out again (a field brought to 0 goes); a lease that expired without either stays
+-- charged, as settled usage. The names are negative numbers below TOTAL and OLDEST, which
+-- every script takes for no bucket. They are read only for a denial, which also drops those
+-- that no longer count.
 --
 -- Redis's clock, not the replicas', so replicas with skewed clocks agree.
 
 local WINDOW, BUCKET, BUCKETS, DAY = 60000, 1000, 60, 86400000
 local UNKNOWN_RETRY = 1000
+local BUSY, LIMIT, TOO_LARGE = 1, 2, 3  -- why a check denies, gravest last
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -95,7 +113,8 @@ local function counted(key)
   return list
 end
 
--- Drop expired (and empty) buckets and recompute TOTAL and OLDEST from those left: on a
+-- Drop expired (and empty) buckets, and in-flight fields that no longer count, and
+-- recompute TOTAL and OLDEST from the buckets left: on a
 -- reserve, when OLDEST has expired (at most about once a second under steady traffic)
 -- or is unknown. Recomputing rather than subtracting also heals a TOTAL that a script of
 -- the previous layout left behind. Returns total, oldest (nil when no bucket is left).
@@ -112,6 +131,8 @@ local function rebuild(key)
         total = total + v
         if first == nil or b < first then first = b end
       end
+    elseif b < tonumber(OLDEST) and -b * BUCKET <= now then
+      stale[#stale + 1] = raw[i]  -- an in-flight field that no longer counts
     end
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
@@ -134,8 +155,8 @@ end
 -- What state() read of each bucket hash, for charge(): {total, oldest, current bucket}
 local read = {}
 
--- used, reset_ms, retry_ms (if it had no room) of one rpm or tpm check
-local function window_state(key, limit)
+-- used, reset_ms, retry_ms (if it had no room for need) of one rpm or tpm check
+local function window_state(key, limit, need)
   local stored = redis.call('HMGET', key, TOTAL, OLDEST, current)
   local used, oldest = tonumber(stored[1]), tonumber(stored[2])
   if used == nil or oldest == nil or oldest < current - BUCKETS then
@@ -153,12 +174,12 @@ local function window_state(key, limit)
   read[key] = {used, oldest, tonumber(stored[3]) or 0}
   local reset = oldest and (oldest + BUCKETS + 1) * BUCKET - now or 0
   local retry = WINDOW
-  if used >= limit then
-    -- The bucket whose leaving brings the sum below the limit (rare: a denial).
+  if used + need > limit then
+    -- The bucket whose leaving makes room for need (rare: a denial).
     local left = used
     for _, e in ipairs(counted(key)) do
       left = left - e[2]
-      if left < limit then
+      if left + need <= limit then
         retry = (e[1] + BUCKETS + 1) * BUCKET - now
         break
       end
@@ -167,10 +188,10 @@ local function window_state(key, limit)
   return used, reset, retry
 end
 
--- used, reset_ms, retry_ms (if it had no room) of one check
-local function state(key, kind, limit)
+-- used, reset_ms, retry_ms (if it had no room for need) of one check
+local function state(key, kind, limit, need)
   if kind == 'rpm' or kind == 'tpm' then
-    return window_state(key, limit)
+    return window_state(key, limit, need)
   elseif kind == 'concurrency' then
     if writing then redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
     return redis.call('ZCOUNT', key, '(' .. now, '+inf'), 0, UNKNOWN_RETRY
@@ -185,6 +206,38 @@ end
 local function amount(kind)
   if kind == 'rpm' or kind == 'concurrency' then return 1 end
   return estimate
+end
+
+local function is_tokens(kind)
+  return kind == 'tpm' or kind == 'day' or kind == 'month'
+end
+
+-- The in-flight field of an estimate charged to window (see In-flight fields)
+local function in_flight_field(kind, window, expiry)
+  if kind == 'tpm' then return -math.min(expiry, window + BUCKETS + 1) end
+  return -expiry
+end
+
+-- Tokens of a token counter that reservations in flight hold (see In-flight fields); the
+-- fields that no longer count go. A day or month hash of a past window holds none now.
+local function held(key, kind)
+  if kind ~= 'tpm' and tonumber(redis.call('HGET', key, 'w')) ~= calendar(kind) then
+    return 0
+  end
+  local raw = redis.call('HGETALL', key)
+  local sum, stale = 0, {}
+  for i = 1, #raw, 2 do
+    local s = tonumber(raw[i])
+    if s and s < tonumber(OLDEST) then
+      if -s * BUCKET > now then
+        sum = sum + tonumber(raw[i + 1])
+      else
+        stale[#stale + 1] = raw[i]
+      end
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  return sum
 end
 
 -- charge one check its amount(); returns where the charge went (for settle and release)
@@ -211,6 +264,7 @@ local function charge(key, kind, add)
   if tonumber(redis.call('HGET', key, 'w')) == index then
     redis.call('HINCRBY', key, 'n', add)
   else
+    redis.call('DEL', key)  -- a new window: the last one's in-flight fields go with its count
     redis.call('HSET', key, 'w', index, 'n', add)
   end
   redis.call('PEXPIREAT', key, ends)
@@ -218,17 +272,28 @@ local function charge(key, kind, add)
 end
 
 local used, reset = {}, {}
-local denied, retry = 0, 0
+local denied, why, retry = 0, 0, 0
 for i = 1, n do
   local kind, limit = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
-  local u, r, wait = state(KEYS[i], kind, limit)
+  local need = math.max(amount(kind), 1)
+  local u, r, wait = state(KEYS[i], kind, limit, need)
   used[i], reset[i] = u, r
-  if u >= limit and (denied == 0 or wait > retry) then
-    denied, retry = i, wait
+  if u + need > limit then
+    local reason = LIMIT
+    if writing and is_tokens(kind) then
+      if limit > 0 and need > limit then
+        reason, wait = TOO_LARGE, 0
+      elseif u - held(KEYS[i], kind) + need <= limit then
+        reason, wait = BUSY, UNKNOWN_RETRY  -- nobody knows when they settle
+      end
+    end
+    if reason > why or (reason == why and wait > retry) then
+      denied, why, retry = i, reason, wait
+    end
   end
 end
 
-local out = {0, denied, 0}
+local out = {0, denied, 0, why}
 if denied > 0 or not writing then
   out[3] = math.max(retry, 1)
   for i = 1, n do
@@ -242,18 +307,22 @@ if denied > 0 or not writing then
 end
 
 out[1] = 1
-local fields = {'e', estimate}
+local expiry = math.floor((now + ttl + BUCKET - 1) / BUCKET)  -- the lease's, in seconds, rounded up
+local fields = {'e', estimate, 'x', expiry}
 for i = 1, n do
   local kind, limit = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
   local add = amount(kind)
   local window = charge(KEYS[i], kind, add)
+  if add > 0 and is_tokens(kind) then
+    redis.call('HINCRBY', KEYS[i], in_flight_field(kind, window, expiry), add)
+  end
   fields[#fields + 1] = i
   fields[#fields + 1] = window
   local u, r = used[i] + add, reset[i]
   if (kind == 'rpm' or kind == 'tpm') and add > 0 then
     -- This bucket is the newest, unless Redis's clock stepped back: then it is the oldest.
-    local expiry = (window + BUCKETS + 1) * BUCKET - now
-    if r == 0 or expiry < r then r = expiry end
+    local bucket_expiry = (window + BUCKETS + 1) * BUCKET - now
+    if r == 0 or bucket_expiry < r then r = bucket_expiry end
   end
   out[#out + 1] = u
   out[#out + 1] = math.max(limit - u, 0)

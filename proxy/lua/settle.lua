@@ -6,7 +6,9 @@
 --          (window_i as returned by reserve.lua)
 --
 -- The delta applies whether or not the lease record is still there (a request may
--- outlast lease_ttl); the record goes, so a release can no longer undo this lease.
+-- outlast lease_ttl); the record goes, so a release can no longer undo this lease. While
+-- the record is there, the estimate also leaves the in-flight fields it was added to (see
+-- reserve.lua); after it, those no longer count anyway.
 
 local BUCKET, BUCKETS = 1000, 60
 local TOTAL, OLDEST = '-1', '-2'  -- of a tpm hash: see reserve.lua
@@ -38,27 +40,37 @@ local function add(key, bucket, delta)
   if r == delta and r > 0 then live_for(key, (bucket + BUCKETS + 2) * BUCKET - now) end
 end
 
+-- Take a settled or released estimate out of its in-flight field; a field at 0 goes.
+local function unhold(key, field, estimate)
+  if redis.call('HINCRBY', key, field, -estimate) <= 0 then redis.call('HDEL', key, field) end
+end
+
 local lease, delta = ARGV[1], tonumber(ARGV[2])
 local n = (#ARGV - 2) / 2
+local record = redis.call('HMGET', KEYS[n + 1], 'e', 'x')
+local estimate, expiry = tonumber(record[1]) or 0, tonumber(record[2])
 
 for i = 1, n do
   local key, kind, window = KEYS[i], ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
   if kind == 'concurrency' then
     redis.call('ZREM', key, lease)
-  elseif kind == 'tpm' and delta ~= 0 then
-    local current = math.floor(now / BUCKET)
-    local target = nil
-    if window >= current - BUCKETS then
-      target = window
-    elseif delta > 0 then
-      -- A late positive correction still counts, now; a late refund has nothing left to refund.
-      target = current
+  elseif kind == 'tpm' then
+    if estimate > 0 and expiry then unhold(key, -math.min(expiry, window + BUCKETS + 1), estimate) end
+    if delta ~= 0 then
+      local current = math.floor(now / BUCKET)
+      local target = nil
+      if window >= current - BUCKETS then
+        target = window
+      elseif delta > 0 then
+        -- A late positive correction still counts, now; a late refund has nothing left to refund.
+        target = current
+      end
+      if target then add(key, target, delta) end
     end
-    if target then add(key, target, delta) end
-  elseif (kind == 'day' or kind == 'month') and delta ~= 0 then
-    if tonumber(redis.call('HGET', key, 'w')) == window then
-      if redis.call('HINCRBY', key, 'n', delta) < 0 then redis.call('HSET', key, 'n', 0) end
-    end
+  elseif (kind == 'day' or kind == 'month') and (delta ~= 0 or (estimate > 0 and expiry))
+      and tonumber(redis.call('HGET', key, 'w')) == window then
+    if estimate > 0 and expiry then unhold(key, -expiry, estimate) end
+    if delta ~= 0 and redis.call('HINCRBY', key, 'n', delta) < 0 then redis.call('HSET', key, 'n', 0) end
   end
 end
 redis.call('DEL', KEYS[n + 1])
