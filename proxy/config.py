@@ -8,7 +8,6 @@ found is reported with its path (``upstreams[2].timeout.first_byte: must be >
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -376,16 +375,9 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
         store_timeout=r.number(d.get("store_timeout", dflt.store_timeout), f"{path}.store_timeout",
                                minimum=0, exclusive=True),
         lease_ttl=r.number(d.get("lease_ttl", dflt.lease_ttl), f"{path}.lease_ttl", minimum=1),
-        key_directory_max_age=_finite(r, r.number(d.get("key_directory_max_age", dflt.key_directory_max_age),
-                                                  f"{path}.key_directory_max_age", minimum=0, exclusive=True),
-                                      f"{path}.key_directory_max_age"),
+        key_directory_max_age=r.number(d.get("key_directory_max_age", dflt.key_directory_max_age),
+                                       f"{path}.key_directory_max_age", minimum=0, exclusive=True),
     )
-
-
-def _finite(r: Reader, value: float, path: str) -> float:
-    if not math.isfinite(value):
-        r.problem(path, "must be a finite number of seconds")
-    return value
 
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:

@@ -100,8 +100,7 @@ def test_key_directory_max_age_is_a_positive_finite_number_of_seconds() -> None:
     assert parse_config(MINIMAL, {}).quotas.key_directory_max_age == 30
     assert parse_config(MINIMAL + "quotas: {key_directory_max_age: 2.5}\n", {}).quotas.key_directory_max_age == 2.5
     for bad, problem in (("0", "must be > 0"), ("-1", "must be > 0"), ("soon", "must be a number"),
-                         (".inf", "must be a finite number of seconds"),
-                         (".nan", "must be a finite number of seconds")):
+                         (".inf", "must be a finite number"), (".nan", "must be a finite number")):
         assert _problems(MINIMAL + f"quotas: {{key_directory_max_age: {bad}}}\n") == [
             f"quotas.key_directory_max_age: {problem}"]
 
