@@ -86,6 +86,14 @@ def _wait_for(predicate: Callable[[], bool], what: Callable[[], str], seconds: f
         time.sleep(0.05)
 
 
+def test_http_proxy_in_the_environment_is_not_gone_around(
+        gateway: StartGateway, proxies: Callable[..., Tinyproxy], stub: StubUpstream) -> None:
+    proxy = proxies()
+    gw = gateway(_config(_up("plain", stub.url, "plain")), env={**NO_PROXY_ENV, "HTTP_PROXY": proxy.url})
+    assert _post(gw, "plain").status_code == 200
+    assert proxy.requests() == [f"POST http://127.0.0.1:{stub.port}/v1/chat/completions"]
+
+
 def test_the_environment_s_proxy_carries_http_and_https_upstreams_and_no_proxy_goes_direct(
         gateway: StartGateway, proxies: Callable[..., Tinyproxy], pki: Pki, stub: StubUpstream,
         stub2: StubUpstream, tls_stub: StubUpstream) -> None:
