@@ -10,6 +10,7 @@ log and in /admin/upstreams, without its password.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,6 +19,7 @@ import pytest
 
 from tests.egress_parts import Pki, Tinyproxy
 from tests.gateway_process import GatewayProcess
+from tests.otlp_receiver import OtlpReceiver
 from tests.stub_upstream import StubUpstream, free_port
 
 KEY = "sk-egress-proxy"
@@ -41,6 +43,12 @@ def tls_stub(pki: Pki) -> Iterator[StubUpstream]:
 
 
 @pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as rx:
+        yield rx
+
+
+@pytest.fixture
 def proxies() -> Iterator[Callable[..., Tinyproxy]]:
     started: list[Tinyproxy] = []
 
@@ -55,15 +63,16 @@ def proxies() -> Iterator[Callable[..., Tinyproxy]]:
 
 def _config(*upstreams: str) -> str:
     return "upstreams:\n" + "\n".join(upstreams) + f"""
-routing: {{max_attempts: 4, deadline: 20}}
+routing: {{max_attempts: 5, deadline: 30}}
 keys: [{{name: t, key: {KEY}}}]
 admin_key: {ADMIN}
 """
 
 
-def _up(name: str, url: str, model: str, extra: str = "", priority: int = 0, total: float = 30) -> str:
+def _up(name: str, url: str, model: str, extra: str = "", priority: int = 0, total: float = 30,
+        connect: float = 5) -> str:
     return (f"  - {{name: {name}, base_url: '{url}', models: [{model}], priority: {priority}, "
-            f"timeout: {{connect: 5, first_byte: {min(total, 10)}, total: {total}}}{extra}}}")
+            f"timeout: {{connect: {connect}, first_byte: {min(total, 10)}, total: {total}}}{extra}}}")
 
 
 def _post(gw: GatewayProcess, model: str, stream: bool = False) -> httpx.Response:
@@ -128,7 +137,7 @@ def test_the_environment_s_proxy_carries_http_and_https_upstreams_and_no_proxy_g
 
 def test_proxy_credentials_an_upstream_s_own_proxy_and_proxy_null(
         gateway: StartGateway, proxies: Callable[..., Tinyproxy], pki: Pki, stub: StubUpstream,
-        stub2: StubUpstream, tls_stub: StubUpstream) -> None:
+        stub2: StubUpstream, tls_stub: StubUpstream, receiver: OtlpReceiver) -> None:
     corp, team = proxies(), proxies(auth=("svc", PASSWORD))
     secure = f"https://127.0.0.1:{tls_stub.port}/v1"
     tls = f", tls: {{ca_file: '{pki.ca}'}}"
@@ -140,10 +149,15 @@ def test_proxy_credentials_an_upstream_s_own_proxy_and_proxy_null(
             priority=2),
         _up("plain-with-auth", stub.url, "plain", f", proxy: 'http://svc:{PASSWORD}@127.0.0.1:{team.port}'"),
         _up("direct", stub2.url, "direct", ", proxy: null")),
-        env={**NO_PROXY_ENV, "HTTPS_PROXY": corp.url, "HTTP_PROXY": corp.url})
+        env={**NO_PROXY_ENV, "HTTPS_PROXY": corp.url, "HTTP_PROXY": corp.url,
+             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"})
     for model, upstream in (("m", "right-password"), ("plain", "plain-with-auth"), ("direct", "direct")):
         resp = _post(gw, model)
         assert resp.status_code == 200 and resp.headers["x-llm-proxy-upstream"] == upstream, resp.text
+    spans = receiver.wait_for(lambda spans: len(spans) >= 8)  # 3 requests, 5 attempts
+    failed = sorted(span.status.message for span in spans if span.status.message)
+    assert failed[0].startswith(f"proxy {team.url} answered 401 Unauthorized to CONNECT")
+    assert failed[1].startswith(f"proxy {team.url} answered 407 Proxy Authentication Required")
     assert corp.requests() == []  # every upstream's own proxy (or none) beat the environment's
     assert team.requests() == [f"CONNECT 127.0.0.1:{tls_stub.port}"] * 3 + [
         f"POST http://127.0.0.1:{stub.port}/v1/chat/completions"]
@@ -156,7 +170,7 @@ def test_proxy_credentials_an_upstream_s_own_proxy_and_proxy_null(
     log = gw.log()
     assert f"upstream no-credentials: proxy {team.url} answered 407" in log
     for secret in (PASSWORD, "wrong-pw"):
-        assert secret not in log and secret not in str(errors)
+        assert secret not in log and secret not in str(errors) and secret not in str(spans)
 
 
 def test_failover_and_timeouts_through_a_proxy_are_as_direct(
@@ -164,8 +178,12 @@ def test_failover_and_timeouts_through_a_proxy_are_as_direct(
         stub2: StubUpstream, tls_stub: StubUpstream) -> None:
     proxy = proxies()
     down = f"http://127.0.0.1:{free_port()}"
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the backlog) and never answers
+    silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
     tls = f", tls: {{ca_file: '{pki.ca}'}}"
     gw = gateway(_config(
+        _up("proxy-silent", f"https://127.0.0.1:{tls_stub.port}/v1", "m", f", proxy: '{silent_url}'{tls}",
+            connect=1),
         _up("proxy-down", f"https://127.0.0.1:{tls_stub.port}/v1", "m", f", proxy: '{down}'{tls}"),
         _up("unreachable", f"https://127.0.0.1:{free_port()}/v1", "m", tls, priority=1),
         _up("hanging", f"https://127.0.0.1:{tls_stub.port}/v1", "m", tls, priority=2, total=0.5),
@@ -175,7 +193,10 @@ def test_failover_and_timeouts_through_a_proxy_are_as_direct(
     for stream in (False, True):
         resp = _post(gw, "m", stream)
         assert resp.status_code == 200 and resp.headers["x-llm-proxy-upstream"] == "last", resp.text
+    silent.close()
     errors = _recent_errors(gw)
+    assert errors["proxy-silent"][-1]["error"] == (
+        f"no connection within 1s, the connect timeout (127.0.0.1:{tls_stub.port} through proxy {silent_url})")
     assert errors["proxy-down"][-1]["error"] == f"connection refused (proxy {down})"
     assert errors["unreachable"][-1]["error"].startswith(f"proxy {proxy.url} answered 500 Unable to connect")
     assert errors["hanging"][-1] == {**errors["hanging"][-1], "outcome": "timeout",
