@@ -196,9 +196,10 @@ def _relay(tls: ssl.SSLSocket, backend: socket.socket) -> None:
 
 
 class Tinyproxy:
-    """tinyproxy on a free loopback port; ``auth`` = (user, password) turns Basic auth on."""
+    """tinyproxy on a free loopback port; ``auth`` = (user, password) turns Basic auth on;
+    ``connect_ports`` limits CONNECT to those ports (others get 403)."""
 
-    def __init__(self, auth: tuple[str, str] | None = None) -> None:
+    def __init__(self, auth: tuple[str, str] | None = None, connect_ports: tuple[int, ...] = ()) -> None:
         binary = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy" if Path("/usr/bin/tinyproxy").exists() else None)
         if binary is None:
             pytest.skip("tinyproxy is not installed (scripts/test installs it)")
@@ -211,6 +212,7 @@ class Tinyproxy:
                  "DisableViaHeader Yes"]
         if auth is not None:
             lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+        lines += [f"ConnectPort {port}" for port in connect_ports]
         self._conf = Path(self._dir.name) / "tinyproxy.conf"
         self._conf.write_text("\n".join(lines) + "\n")
         self._proc: subprocess.Popen[bytes] | None = None

@@ -52,8 +52,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 def proxies() -> Iterator[Callable[..., Tinyproxy]]:
     started: list[Tinyproxy] = []
 
-    def start(auth: tuple[str, str] | None = None) -> Tinyproxy:
-        started.append(proxy := Tinyproxy(auth))
+    def start(auth: tuple[str, str] | None = None, connect_ports: tuple[int, ...] = ()) -> Tinyproxy:
+        started.append(proxy := Tinyproxy(auth, connect_ports))
         return proxy.start()
 
     yield start
@@ -63,7 +63,7 @@ def proxies() -> Iterator[Callable[..., Tinyproxy]]:
 
 def _config(*upstreams: str) -> str:
     return "upstreams:\n" + "\n".join(upstreams) + f"""
-routing: {{max_attempts: 5, deadline: 30}}
+routing: {{max_attempts: 6, deadline: 30}}
 keys: [{{name: t, key: {KEY}}}]
 admin_key: {ADMIN}
 """
@@ -176,7 +176,7 @@ def test_proxy_credentials_an_upstream_s_own_proxy_and_proxy_null(
 def test_failover_and_timeouts_through_a_proxy_are_as_direct(
         gateway: StartGateway, proxies: Callable[..., Tinyproxy], pki: Pki, stub: StubUpstream,
         stub2: StubUpstream, tls_stub: StubUpstream) -> None:
-    proxy = proxies()
+    proxy, strict = proxies(), proxies(connect_ports=(443,))
     down = f"http://127.0.0.1:{free_port()}"
     silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the backlog) and never answers
     silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
@@ -185,6 +185,7 @@ def test_failover_and_timeouts_through_a_proxy_are_as_direct(
         _up("proxy-silent", f"https://127.0.0.1:{tls_stub.port}/v1", "m", f", proxy: '{silent_url}'{tls}",
             connect=1),
         _up("proxy-down", f"https://127.0.0.1:{tls_stub.port}/v1", "m", f", proxy: '{down}'{tls}"),
+        _up("proxy-forbids", f"https://127.0.0.1:{tls_stub.port}/v1", "m", f", proxy: '{strict.url}'{tls}"),
         _up("unreachable", f"https://127.0.0.1:{free_port()}/v1", "m", tls, priority=1),
         _up("hanging", f"https://127.0.0.1:{tls_stub.port}/v1", "m", tls, priority=2, total=0.5),
         _up("last", stub2.url, "m", priority=3)),
@@ -198,6 +199,8 @@ def test_failover_and_timeouts_through_a_proxy_are_as_direct(
     assert errors["proxy-silent"][-1]["error"] == (
         f"no connection within 1s, the connect timeout (127.0.0.1:{tls_stub.port} through proxy {silent_url})")
     assert errors["proxy-down"][-1]["error"] == f"connection refused (proxy {down})"
+    assert errors["proxy-forbids"][-1]["error"].startswith(f"proxy {strict.url} answered 403 ")
+    assert errors["proxy-forbids"][-1]["error"].endswith("(the proxy does not allow this destination)")
     assert errors["unreachable"][-1]["error"].startswith(f"proxy {proxy.url} answered 500 Unable to connect")
     assert errors["hanging"][-1] == {**errors["hanging"][-1], "outcome": "timeout",
                                      "error": "The upstream did not answer within 0.5s."}
