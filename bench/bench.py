@@ -1,6 +1,6 @@
 """The gateway against a direct call and an nginx proxy hop, in one run, on one table.
 
-    bench/run [--smoke] [--profile] [--no-quotas]      (bench/run installs the tools)
+    bench/run [--smoke] [--profile] [--no-quotas] [--tls-upstream]    (bench/run installs the tools)
 
 Layout on a 2-core machine (``taskset``, ``procs.Layout``): core 0 carries the
 load generators (wrk, k6), the nginx stub upstream and Redis; core 1 carries the
@@ -12,6 +12,10 @@ Three paths to the same stub:
     direct   client → stub
     hop      client → nginx (proxy_pass, proxy_buffering off, keep-alive) → stub
     gateway  client → gateway (auth, validation, Redis quotas, metrics) → stub
+
+With ``--tls-upstream`` the gateway reaches the stub over TLS (its https
+listener, a throwaway certificate as the upstream's ``tls.ca_file``); direct
+and hop stay plain, so the gateway's column is what a TLS upstream costs.
 
 Measured per path, for non-streamed and streamed (20 chunk events) requests:
 saturation requests/s (wrk, closed loop, fixed connections); CPU µs per request
@@ -96,6 +100,7 @@ class Settings:
     lb: bool
     awake: bool
     cores: Layout
+    tls_upstream: bool = False
 
 
 @dataclass
@@ -146,6 +151,7 @@ def settings(argv: list[str] | None) -> Settings:
     p.add_argument("--rate", type=int, default=200, help="constant rate, requests/s (default 200)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections per process (default 32)")
     p.add_argument("--gateway-root", help="benchmark the proxy package of another checkout (A/B)")
+    p.add_argument("--tls-upstream", action="store_true", help="the gateway reaches the stub over TLS")
     a = p.parse_args(argv)
     if a.gateway_root:
         os.environ["BENCH_GATEWAY_ROOT"] = a.gateway_root
@@ -161,6 +167,7 @@ def settings(argv: list[str] | None) -> Settings:
         lb=not a.no_lb,
         awake=not a.no_awake,
         cores=layout(),
+        tls_upstream=a.tls_upstream,
     )
 
 
@@ -606,6 +613,7 @@ def markdown(rows: list[list[str]], info: dict[str, Any]) -> str:
         f"Python {info['machine']['python']}; mode {info['mode']}; wrk -c {info['connections']}, "
         f"{info['saturate_s']} s per case; k6 {info['rate']}/s for {info['rate_s']} s; "
         f"quotas {'on (Redis)' if info['quotas'] else 'off'}; metrics endpoint {info['metrics']}; "
+        f"gateway to stub {info.get('upstream', 'http')}; "
         f"cores: {info['cores']}; "
         f"{info['date']}"
     )
@@ -631,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate": s.rate,
         "rate_s": s.rate_s,
         "quotas": s.quotas,
+        "upstream": "https (TLS)" if s.tls_upstream else "http",
         "gateway_root": str(gateway_root()),
         "cores": f"gateway {s.cores.gateway}, second gateway {s.cores.second_gateway}, "
                  f"the rest {cpu_list(s.cores.rest)}",
@@ -640,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     nginx = which("nginx") or "nginx"
     procs = Procs(workdir)
     with procs.session():
-        backends = start_backends(procs, workdir, lambda port: stub.stub_conf(workdir, port), quotas=s.quotas)
+        tls_port = free_port() if s.tls_upstream else None
+        backends = start_backends(procs, workdir, lambda port: stub.stub_conf(workdir, port, tls_port=tls_port),
+                                  quotas=s.quotas)
         redis_port, redis_p = backends.redis_port, backends.redis
         stub_port, stub_p = backends.stub_port, backends.stub
         hop_port = free_port()
@@ -653,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             port=hop_port,
         )
         gw_config = workdir / "gateway.yaml"
-        gw_config.write_text(stub.gateway_config(stub_port, redis_port))
+        tls = (tls_port, stub.tls_files(workdir)[0]) if tls_port is not None else None
+        gw_config.write_text(stub.gateway_config(stub_port, redis_port, tls))
         gw_port = free_port()
         gw_p = start_gateway(procs, "gateway", gw_config, gw_port, s.cores.gateway, GATEWAY_ENV)
 

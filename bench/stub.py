@@ -9,6 +9,8 @@ each carrying ``"usage":null`` as OpenAI sends them when the gateway asks for
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import orjson
@@ -139,10 +141,28 @@ def render(template: str, workdir: Path, name: str, **values: object) -> Path:
     return out
 
 
-def stub_conf(workdir: Path, port: int, drip_rate: int = 200) -> Path:
+def stub_conf(workdir: Path, port: int, drip_rate: int = 200, tls_port: int | None = None) -> Path:
+    """With ``tls_port``, the stub also serves https there (a certificate from ``tls_files``)."""
     (workdir / "stub-completion.json").write_bytes(completion())
     (workdir / "stub-stream.sse").write_bytes(stream())
-    return render("stub.conf", workdir, "stub", PORT=port, DRIP_RATE=drip_rate)
+    tls_listen = ""
+    if tls_port is not None:
+        cert, key = tls_files(workdir)
+        tls_listen = (f"listen 127.0.0.1:{tls_port} ssl backlog=8192;\n"
+                      f"        ssl_certificate {cert};\n        ssl_certificate_key {key};")
+    return render("stub.conf", workdir, "stub", PORT=port, DRIP_RATE=drip_rate, TLS_LISTEN=tls_listen)
+
+
+def tls_files(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA: the gateway's ``tls.ca_file``) and its key."""
+    cert, key = workdir / "stub-tls.pem", workdir / "stub-tls.key"
+    if not cert.exists():
+        subprocess.run([shutil.which("openssl") or "openssl", "req", "-x509", "-newkey", "ec",
+                        "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "7",
+                        "-subj", "/CN=llm-proxy bench stub", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
 
 
 def hop_conf(workdir: Path, name: str, port: int, backends: list[int], workers: int = 1) -> Path:
@@ -150,22 +170,28 @@ def hop_conf(workdir: Path, name: str, port: int, backends: list[int], workers: 
     return render("hop.conf", workdir, name, PORT=port, SERVERS=servers, WORKERS=workers)
 
 
-def gateway_config(stub_port: int, redis_port: int | None) -> str:
-    """One upstream per stub location; the key has limits so quotas are enforced when Redis is on."""
+def gateway_config(stub_port: int, redis_port: int | None, tls: tuple[int, Path] | None = None) -> str:
+    """One upstream per stub location; the key has limits so quotas are enforced when Redis is on.
+    ``tls``: (port, CA file) of the stub's https listener, which the upstreams then use."""
     lines = []
     if redis_port:
         lines.append(f"redis_url: redis://127.0.0.1:{redis_port}/0")
+    origin = f"https://127.0.0.1:{tls[0]}" if tls else f"http://127.0.0.1:{stub_port}"
+    tls_line = [f"    tls: {{ca_file: '{tls[1]}'}}"] if tls else []
     lines += [
         "upstreams:",
         "  - name: stub",
-        f"    base_url: http://127.0.0.1:{stub_port}/v1",
+        f"    base_url: {origin}/v1",
         f"    models: [{MODEL}]",
+        *tls_line,
         "  - name: stub-stream",
-        f"    base_url: http://127.0.0.1:{stub_port}/stream/v1",
+        f"    base_url: {origin}/stream/v1",
         f"    models: [{STREAM_MODEL}]",
+        *tls_line,
         "  - name: stub-slow",
-        f"    base_url: http://127.0.0.1:{stub_port}/slow/v1",
+        f"    base_url: {origin}/slow/v1",
         f"    models: [{SLOW_MODEL}]",
+        *tls_line,
         "    timeout: {connect: 5, first_byte: 60, idle: 120, total: 900}",
         "server: {shutdown_delay: 0, shutdown_grace: 5}",
         "routing:",

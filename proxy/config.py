@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .config_egress import upstream_proxy, upstream_tls
 from .config_reader import Reader
 from .config_types import (
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -151,7 +152,7 @@ def _check_unique(r: Reader, path: str, names: list[str]) -> None:
 def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
     d = r.mapping(raw, path, {"name", "provider", "base_url", "api_key", "api_version", "models",
                               "weight", "priority", "max_concurrency", "timeout", "mock",
-                              "health_check"})
+                              "health_check", "proxy", "tls"})
     if d is None:
         return None
     provider = r.choice(d.get("provider", "openai"), f"{path}.provider", PROVIDERS)
@@ -178,6 +179,8 @@ def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
         timeout=_timeouts(r, d.get("timeout"), f"{path}.timeout"),
         mock=_mock(r, d.get("mock"), f"{path}.mock"),
         health_check=_health_check(r, d.get("health_check"), f"{path}.health_check"),
+        proxy=upstream_proxy(r, d, path, base_url if provider != "mock" else None),
+        tls=upstream_tls(r, d.get("tls"), f"{path}.tls", base_url),
     )
 
 

@@ -45,6 +45,36 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class ForwardProxy:
+    """The HTTP forward proxy one upstream's connections go through.
+
+    ``url`` names it without credentials (logs, spans, errors show that);
+    ``authorization`` is the ``Proxy-Authorization`` value built from the
+    URL's user and password, never shown."""
+
+    host: str
+    port: int
+    authorization: str | None = field(default=None, repr=False)
+    source: str = "proxy"  # where it came from: the upstream's ``proxy`` or an environment variable's name
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS towards an https upstream; the files are PEM. Without ``ca_file`` the
+    system's CAs (and ``SSL_CERT_FILE``) are trusted."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None  # a client certificate, for servers that ask for one (mTLS)
+    key_file: str | None = None  # its private key, unless cert_file holds it too
+    verify: bool = True
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     base_url: str
@@ -58,6 +88,8 @@ class UpstreamConfig:
     timeout: Timeouts = Timeouts()
     mock: MockSettings = MockSettings()
     health_check: HealthCheck | None = None
+    proxy: ForwardProxy | None = None  # the effective one: ``proxy``, else the environment's, NO_PROXY applied
+    tls: TlsSettings = TlsSettings()
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,18 @@ class UpstreamError(ProxyError):
 
 
 class UpstreamConnectionError(UpstreamError):
-    """An upstream could not be reached, or its connection broke."""
+    """An upstream could not be reached, or its connection broke.
+
+    ``message`` (what a client may read) says what happened; ``detail`` adds
+    where (the address, the proxy by its URL without credentials) and why
+    (TLS's reason, the proxy's answer) for the log, the attempt span and
+    ``/admin/upstreams``. Neither holds a secret."""
 
     code = "upstream_connection_error"
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class UpstreamStreamError(UpstreamError):

@@ -212,7 +212,7 @@ class Forwarder:
             try:
                 result = await self._send(candidate, request, deadline, headers, watchdog)
             except _AttemptFailed as failed:
-                span.result(failed.outcome, failed.status)
+                span.result(failed.outcome, failed.status, error=_detail(failed.error))
                 raise
             span.result("ok" if result.response.status < 400 else "4xx", result.response.status)
             return result
@@ -248,15 +248,17 @@ class Forwarder:
                 if response is not None:
                     response.close()
                 raise
-            self._fail(candidate, response, "timeout", started, health=True)
-            raise _AttemptFailed("timeout", UpstreamTimeoutError(
-                f"The upstream did not answer within {limit:.3g}s.")) from None
+            timeout = UpstreamTimeoutError(f"The upstream did not answer within {limit:.3g}s.")
+            self._fail(candidate, response, "timeout", started, health=True, error=timeout.message)
+            raise _AttemptFailed("timeout", timeout) from None
         except UpstreamConnectionError as exc:
-            self._fail(candidate, response, "connect_error", started, health=True)
+            self._log.warning("upstream %s: %s", up.name, exc.detail)
+            self._fail(candidate, response, "connect_error", started, health=True, error=exc.detail)
             raise _AttemptFailed("connect_error", exc) from None
         except _AttemptFailed as failed:
             failed.status = response.status if response is not None else None
-            self._fail(candidate, response, failed.outcome, started, health=failed.outcome != "429")
+            self._fail(candidate, response, failed.outcome, started, health=failed.outcome != "429",
+                       error=failed.error.message)
             raise
         finally:
             watchdog.clear()
@@ -308,10 +310,10 @@ class Forwarder:
         return usage if isinstance(usage, dict) else None
 
     def _fail(self, candidate: Candidate, response: UpstreamResponse | None, outcome: str,
-              started: float, health: bool) -> None:
+              started: float, health: bool, error: str) -> None:
         up = candidate.upstream
         up.in_flight -= 1
-        up.recent_errors.append((time.time(), outcome))
+        up.recent_errors.append((time.time(), outcome, error))
         now = self._clock()
         if health:
             up.health.failure(now)
@@ -348,6 +350,10 @@ def _held_off(route: Route, model: str, now: float) -> ProxyError | None:
 def _retry_after(seconds: float) -> list[Header]:
     ms = max(1, math.ceil(seconds * 1000))
     return [(b"retry-after", b"%d" % -(-ms // 1000)), (b"retry-after-ms", b"%d" % ms)]
+
+
+def _detail(error: ProxyError) -> str:
+    return error.detail if isinstance(error, UpstreamConnectionError) else error.message
 
 
 def _check_event_stream(response: UpstreamResponse) -> None:

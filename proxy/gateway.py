@@ -62,8 +62,25 @@ class Gateway:
     def _build(self, config: Config, old: Runtime | None) -> Runtime:
         pool = Pool(config, make_selector(config.routing.strategy), config.health,
                     keep=old.pool.upstreams if old else None)
+        self._log_egress(pool, old)
         keys = StaticKeys(config)
         return Runtime(config, pool, self._make_auth(keys), keys)
+
+    def _log_egress(self, pool: Pool, old: Runtime | None) -> None:
+        """How each new or changed upstream is reached, once: its proxy, and a warning
+        for TLS without verification (anyone on the path could read and change it)."""
+        for up in pool.upstreams.values():
+            before = old.pool.upstreams.get(up.name) if old is not None else None
+            if before is not None and before.config == up.config:
+                continue
+            proxy = up.config.proxy
+            if proxy is not None:
+                self.log.info("upstream %s: connections go through proxy %s (%s)", up.name, proxy.url,
+                              "its proxy setting" if proxy.source == "proxy" else f"from {proxy.source}")
+            if not up.config.tls.verify:
+                self.log.warning("upstream %s: tls.verify is false: its certificate is not checked, so "
+                                 "anyone on the path can read and change its traffic, its API key included",
+                                 up.name)
 
     def reload(self, config: Config) -> None:
         """Swap in a validated config atomically; unchanged upstreams keep
@@ -112,7 +129,8 @@ class Gateway:
                 "until": _iso(wall + until - now) if state != "healthy" and until != math.inf else None,
                 "in_flight": up.in_flight, "max_concurrency": up.config.max_concurrency,
                 "ttfb_ewma_ms": round(up.ttfb_ewma * 1000, 1) if up.ttfb_ewma is not None else None,
-                "recent_errors": [{"at": _iso(at), "outcome": outcome} for at, outcome in up.recent_errors],
+                "recent_errors": [{"at": _iso(at), "outcome": outcome, "error": error}
+                                  for at, outcome, error in up.recent_errors],
             })
         return views
 

@@ -1,8 +1,11 @@
 """Active health checks: ``GET {base_url}/models``, never a paid completion.
 
-Only upstreams with ``health_check`` in their config are checked. After
+Only upstreams with ``health_check`` in their config are checked, through the
+upstream's own transport (so its proxy and TLS settings). After
 ``unhealthy_threshold`` consecutive failures the upstream is ejected before
-a user request finds out; a passing check readmits an ejected upstream.
+a user request finds out; a passing check readmits an ejected upstream. A
+failed check's reason goes to the upstream's recent errors, and the last one
+into the log line of the ejection.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ class ActiveChecks:
     async def check(self, up: Upstream) -> bool:
         settings = up.config.health_check
         assert settings is not None
-        ok = await self._probe(up, settings.timeout)
+        failed = await self._probe(up, settings.timeout)
         now = time.monotonic()
-        if ok:
+        if failed is None:
             up.check_failures = 0
             if up.health.state(now) in ("ejected", "half_open"):
                 self._log.info("upstream %s passed its health check; readmitted", up.name)
@@ -59,13 +62,16 @@ class ActiveChecks:
                 self._on_state(up)
             return True
         up.check_failures += 1
+        up.recent_errors.append((time.time(), "health_check", failed))
         if up.check_failures >= settings.unhealthy_threshold and up.health.state(now) == "healthy":
-            self._log.warning("upstream %s failed %d health checks; ejected", up.name, up.check_failures)
+            self._log.warning("upstream %s failed %d health checks (the last: %s); ejected",
+                              up.name, up.check_failures, failed)
             up.health.eject()
             self._on_state(up)
         return False
 
-    async def _probe(self, up: Upstream, limit: float) -> bool:
+    async def _probe(self, up: Upstream, limit: float) -> str | None:
+        """Why the check failed, or None when it passed."""
         cfg = up.config
         try:
             async with asyncio.timeout(limit):
@@ -75,11 +81,13 @@ class ActiveChecks:
                         pass
                 finally:
                     response.close()
-        except (TimeoutError, UpstreamConnectionError):
-            return False
+        except TimeoutError:
+            return f"no answer within {limit:g}s"
+        except UpstreamConnectionError as exc:
+            return exc.detail
         if response.status in (401, 403):
             self._log.error("upstream %s rejected the gateway's credentials (health check got %d)",
                             up.name, response.status)
             up.health.credentials_rejected(time.monotonic())
-            return False
-        return 200 <= response.status < 300
+            return f"the credentials were rejected ({response.status})"
+        return None if 200 <= response.status < 300 else f"answered {response.status}"

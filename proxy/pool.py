@@ -30,7 +30,7 @@ class Upstream:
         self.in_flight = 0
         self.ttfb_ewma: float | None = None
         self.check_failures = 0  # consecutive failed active checks
-        self.recent_errors: deque[tuple[float, str]] = deque(maxlen=10)  # (wall time, outcome)
+        self.recent_errors: deque[tuple[float, str, str]] = deque(maxlen=10)  # (wall time, outcome, what happened)
 
     def available(self, now: float) -> bool:
         cap = self.config.max_concurrency

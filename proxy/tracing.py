@@ -132,8 +132,10 @@ class AttemptSpan:
             TraceContextTextMapPropagator().inject(headers, trace.set_span_in_context(self._span))
 
     def result(self, outcome: str, status: int | None = None, *, model: str | None = None,
-               input_tokens: int | None = None, output_tokens: int | None = None) -> None:
-        """outcome: ok|429|5xx|4xx|timeout|connect_error|auth_error|cut (as in the metrics)."""
+               input_tokens: int | None = None, output_tokens: int | None = None,
+               error: str | None = None) -> None:
+        """outcome: ok|429|5xx|4xx|timeout|connect_error|auth_error|cut (as in the metrics);
+        ``error``: what happened, in words, for the span's status."""
         self.outcome = outcome
         if not self._recording:
             return
@@ -144,7 +146,7 @@ class AttemptSpan:
         _optional(attrs, "gen_ai.usage.output_tokens", output_tokens)
         if outcome != "ok":
             attrs["error.type"] = outcome
-            self._span.set_status(Status(StatusCode.ERROR))
+            self._span.set_status(Status(StatusCode.ERROR, error))
         self._span.set_attributes(attrs)
 
 

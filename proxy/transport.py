@@ -16,7 +16,10 @@ is closed after ``KEEPALIVE_SECONDS``), at most ``max_concurrency`` in use
 Content-Length, chunked (a trailer is dropped, and held to the head's size
 limit) or the end of the connection, and a body cut short is an error,
 raised once the bytes before the cut were read. It keeps no
-cookies (aiohttp sent a provider's cookies back; no client should share them).
+cookies (aiohttp sent a provider's cookies back; no client should share them),
+and asks for ``identity`` encoding (it decodes none). A connection is opened
+directly or through the upstream's forward proxy, with the upstream's TLS
+settings (``connect``); an error says what happened and where.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import mock
+from . import connect, mock
 from .config import UpstreamConfig
+from .config_types import ForwardProxy
 from .errors import UpstreamConnectionError
+from .tls import TlsFileError, client_context
 
 KEEPALIVE_SECONDS = 30.0
 # Unread answer bytes above which the connection stops reading (a slow client
@@ -68,31 +73,40 @@ class Transport(Protocol):
 
 
 class _Target:
-    """What a URL string gives a request: where to connect and what to ask for."""
+    """What a URL string gives a request: where to connect and what to ask for.
+
+    Through a proxy, an http request names its whole URL (absolute form) and
+    carries the proxy's credentials; an https one goes through a tunnel as is."""
 
     __slots__ = ("address", "head")
 
-    def __init__(self, url: str, method: str) -> None:
+    def __init__(self, url: str, method: str, proxy: ForwardProxy | None = None) -> None:
         parsed = URL(url)  # percent-encodes what needs it, as aiohttp did
         if parsed.scheme not in ("http", "https") or not parsed.raw_host:
             raise UpstreamConnectionError(f"cannot reach upstream: unsupported URL scheme {parsed.scheme!r}")
         self.address = (parsed.raw_host, parsed.port or (443 if parsed.scheme == "https" else 80),
                         parsed.scheme == "https")
-        self.head = f"{method} {parsed.raw_path_qs} HTTP/1.1\r\nHost: {parsed.host_port_subcomponent}\r\n"
+        authority = parsed.host_port_subcomponent
+        if proxy is not None and parsed.scheme == "http":
+            self.head = f"{method} http://{authority}{parsed.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n"
+            if proxy.authorization is not None:
+                self.head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        else:
+            self.head = f"{method} {parsed.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n"
 
 
 def _request_head(target: _Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
-    """The request line and headers, with the headers aiohttp added (Accept, the
-    Accept-Encoding it could decode when none is given, Content-Length)."""
+    """The request line and headers, with Accept, Content-Length, and
+    ``Accept-Encoding: identity`` when none is given: nothing here decodes gzip."""
     lines = [target.head]
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
             raise ValueError(f"header {name!r} cannot be sent: it would split the request")
         lines.append(f"{name}: {value}\r\n")
     lines.append("Accept: */*\r\n")
+    if "Accept-Encoding" not in headers and not any(name.lower() == "accept-encoding" for name in headers):
+        lines.append("Accept-Encoding: identity\r\n")
     if body is None:
-        if not any(name.lower() == "accept-encoding" for name in headers):
-            lines.append("Accept-Encoding: gzip, deflate\r\n")
         lines.append("\r\n")
     else:
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
@@ -127,7 +141,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
         self._keep_alive = False  # read at the answer's end (the parser forgets it after)
-        self._error: str | None = None  # why the answer cannot go on (the exception's name)
+        self._error: str | None = None  # why the answer cannot go on, in words
 
     # --- the request side ---
 
@@ -140,7 +154,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = self._head_bytes = 0
         self._head = asyncio.get_running_loop().create_future()
         if self.lost or self.transport.is_closing():
-            self._fail("ServerDisconnectedError")  # closed by the upstream while idle
+            self._fail("the upstream had closed the idle connection")
             return
         if self._paused:  # the last answer ended while reading was paused, and was not read
             self._paused = False
@@ -152,7 +166,7 @@ class _Connection(asyncio.Protocol):
         await self._head
         self._head = None  # resolved: a stream need not keep it
         if self._error is not None:
-            raise UpstreamConnectionError(f"cannot reach upstream: {self._error}")
+            raise UpstreamConnectionError(f"cannot reach upstream: {self._error}", detail=self._error)
         headers, self._headers = CIMultiDict(self._headers), []
         return self._status, headers
 
@@ -193,25 +207,25 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._parser is None or self._complete:
-            self._fail("UnexpectedData")  # bytes nobody asked for: this connection is done
+            self._fail("bytes after the answer")  # nobody asked for them: this connection is done
             self.abort()
             return
         in_trailer = self._in_trailer
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(type(exc).__name__)
+            self._fail(f"malformed answer ({exc})")
             self.abort()
             return
         if not self._status:  # still in the answer's head
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail("LineTooLong")
+                self._fail(f"answer head over {MAX_HEAD_BYTES} bytes")
                 self.abort()
         elif in_trailer and self._in_trailer and not self._complete:  # a read all of the trailer
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail("TrailerTooLong")
+                self._fail(f"answer trailer over {MAX_HEAD_BYTES} bytes")
                 self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -221,7 +235,7 @@ class _Connection(asyncio.Protocol):
         if self._error is None and exc is None and self._status and not self._framed:
             self._finish()  # a body without a length ends with the connection
         else:
-            self._fail(type(exc).__name__ if exc is not None else "ServerDisconnectedError")
+            self._fail(connect.lost(exc))
 
     def pause_writing(self) -> None:  # the request body is written at once; nothing to hold back
         return None
@@ -300,12 +314,12 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """Keep-alive connections to one address; at most ``limit`` in use (0: no limit)."""
 
-    def __init__(self, address: tuple[str, int, bool], limit: int, connect_timeout: float,
-                 tls: ssl.SSLContext | None) -> None:
-        self._host, self._port, _ = address
+    def __init__(self, dialer: connect.Dialer, limit: int, connect_timeout: float,
+                 proxied_http: bool = False) -> None:
+        self.dialer = dialer
+        self.proxied_http = proxied_http  # an http upstream through a proxy: a 407 is the proxy's
         self._limit = limit
         self._connect_timeout = connect_timeout
-        self._tls = tls
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._in_use = 0
@@ -328,16 +342,15 @@ class _Pool:
                 if conn is not None:
                     return conn
                 try:
-                    _, conn = await loop.create_connection(
-                        _Connection, self._host, self._port, ssl=self._tls,
-                        server_hostname=self._host if self._tls is not None else None)
+                    conn = await self.dialer.open(_Connection)
                 except BaseException:
                     self._release_slot()
                     raise
         except TimeoutError:
-            raise UpstreamConnectionError("cannot reach upstream: ConnectionTimeoutError") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
+            raise UpstreamConnectionError(
+                "cannot reach upstream: connect timeout",
+                detail=f"no connection within {self._connect_timeout:g}s, the connect timeout "
+                       f"({self.dialer.where})") from None
         self._all.add(conn)
         return conn
 
@@ -460,7 +473,7 @@ class HttpTransport:
                        body: bytes | None) -> UpstreamResponse:
         target = self._targets.get((method, url))
         if target is None:
-            target = self._targets[(method, url)] = _Target(url, method)
+            target = self._targets[(method, url)] = _Target(url, method, self._config.proxy)
         pool = self._pools.get(target.address)
         if pool is None:
             pool = self._pools[target.address] = self._pool(target.address)
@@ -469,6 +482,13 @@ class HttpTransport:
         try:
             conn.send(head + body if body else head)
             status, response_headers = await conn.response_head()
+            if status == 407 and pool.proxied_http:
+                raise UpstreamConnectionError("cannot reach upstream: the proxy refused the request (407)",
+                                              detail="the proxy answered 407 (proxy credentials missing or refused)")
+        except UpstreamConnectionError as exc:
+            conn.abort()
+            pool.release(conn)
+            raise UpstreamConnectionError(exc.message, detail=f"{exc.detail} ({pool.dialer.where})") from None
         except BaseException:
             conn.abort()
             pool.release(conn)
@@ -476,12 +496,20 @@ class HttpTransport:
         return _HttpResponse(pool, conn, status, response_headers)
 
     def _pool(self, address: tuple[str, int, bool]) -> _Pool:
-        tls = None
-        if address[2]:
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
-        return _Pool(address, self._config.max_concurrency or 0, self._config.timeout.connect, tls)
+        host, port, https = address
+        tls = self._tls_context() if https else None
+        proxy = self._config.proxy
+        return _Pool(connect.dialer(host, port, tls, proxy), self._config.max_concurrency or 0,
+                     self._config.timeout.connect, proxied_http=proxy is not None and not https)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            try:
+                self._tls = client_context(self._config.tls)
+            except TlsFileError as exc:  # checked with the config; changed on disk since
+                raise UpstreamConnectionError("cannot reach upstream: its TLS settings cannot be used",
+                                              detail=f"tls.{exc.setting}: {exc.message}") from None
+        return self._tls
 
     async def close(self) -> None:
         for pool in self._pools.values():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,8 +71,9 @@ def free_port() -> int:
 
 
 class StubUpstream:
-    def __init__(self, completion_tokens: int = 8) -> None:
+    def __init__(self, completion_tokens: int = 8, tls: ssl.SSLContext | None = None) -> None:
         self.completion_tokens = completion_tokens
+        self.tls = tls  # serve https with this context
         self.port = free_port()
         self.default = Behaviour()
         self._queue: list[Behaviour] = []
@@ -87,7 +89,7 @@ class StubUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     def behave(self, mode: str, **options: Any) -> None:
         with self.lock:
@@ -129,7 +131,7 @@ class StubUpstream:
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls).start()
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         if request.path.endswith("/chat/completions"):

@@ -125,6 +125,48 @@ app.kubernetes.io/component: redis
 {{- toYaml $cfg }}
 {{- end }}
 
+{{/* The environment for egress: the proxy variables and SSL_CERT_FILE (env entries; empty when unused). */}}
+{{- define "llm-proxy.egressEnv" -}}
+{{- $proxy := .Values.egress.proxy }}
+{{- range $name, $url := dict "HTTPS_PROXY" $proxy.https "HTTP_PROXY" $proxy.http }}
+{{- if regexMatch "^http://[^/@]*:[^$/@][^/@]*@" (default "" $url) }}
+{{- fail (printf "egress.proxy: a password would be readable in the Deployment; put it in secrets.env and write $(NAME) in its place (%s)" $name) }}
+{{- end }}
+{{- if $url }}
+- name: {{ $name }}
+  value: {{ $url | quote }}
+{{- end }}
+{{- end }}
+{{- with $proxy.noProxy }}
+- name: NO_PROXY
+  value: {{ . | quote }}
+{{- end }}
+{{- if include "llm-proxy.caBundle" . }}
+- name: SSL_CERT_FILE
+  value: /etc/ssl/corporate/{{ .Values.egress.caBundle.key }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when egress.caBundle names a ConfigMap or a Secret. */}}
+{{- define "llm-proxy.caBundle" -}}
+{{- if and .Values.egress.caBundle.configMap .Values.egress.caBundle.secret }}
+{{- fail "egress.caBundle: set configMap or secret, not both" }}
+{{- end }}
+{{- if or .Values.egress.caBundle.configMap .Values.egress.caBundle.secret }}true{{ end }}
+{{- end }}
+
+{{/* The forward proxies' ports, comma-separated (80 where a URL gives none), for the NetworkPolicy. */}}
+{{- define "llm-proxy.proxyPorts" -}}
+{{- $ports := list }}
+{{- range (list .Values.egress.proxy.https .Values.egress.proxy.http) }}
+{{- if . }}
+{{- $host := (urlParse .).host }}
+{{- $ports = append $ports (ternary (regexFind "[0-9]+$" $host) "80" (regexMatch ":[0-9]+$" $host)) }}
+{{- end }}
+{{- end }}
+{{- join "," (uniq $ports) }}
+{{- end }}
+
 {{/* Seconds the gateway may spend finishing requests and streams after SIGTERM (values as context). */}}
 {{- define "llm-proxy.drainSeconds" -}}
 {{- $server := default dict (get (default dict .gateway.config) "server") }}
