@@ -27,6 +27,7 @@ provider uses to name its account: ``openai-organization``, ``set-cookie``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -120,7 +121,15 @@ class StubUpstream:
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        for _ in range(4):  # the port picked in __init__ may have been taken by another test process since
+            try:
+                await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                self.port = free_port()
+        raise RuntimeError("no free port for the stub upstream")
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         if request.path.endswith("/chat/completions"):
