@@ -87,22 +87,14 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
     if not model:
         raise InvalidRequestError("Invalid 'model': empty string. Expected a non-empty string.",
                                   param="model", code="empty_string")
-    message_tokens = _messages(body.get("messages"))
-    for name, low, high in _NUMBER_RANGES:
-        _number(body.get(name), name, low, high)
-    for name, low_int, high_int in _INTEGER_RANGES:
-        _integer(body.get(name), name, low_int, high_int)
-    for name in _BOOLEANS:
-        _boolean(body.get(name), name)
-    _string(body.get("user"), "user")
-    _stop(body.get("stop"))
-    _logit_bias(body.get("logit_bias"))
-    _tool_choice(body.get("tool_choice"))
-    _response_format(body.get("response_format"))
-    tools = body.get("tools")
-    _tools(tools)
     stream = body.get("stream") is True
-    include_usage = _stream_options(body.get("stream_options"), stream)
+    try:
+        message_tokens = _messages(body.get("messages"))
+        include_usage = _check_fields(body, stream)
+    except InvalidRequestError as exc:
+        exc.model = model
+        raise
+    tools = body.get("tools")
     tool_tokens = len(orjson.dumps(tools)) // BYTES_PER_TOKEN if tools else 0
     limit = body.get("max_completion_tokens")
     if limit is None:
@@ -117,6 +109,23 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
         n=1 if n is None else int(n),
         prompt_tokens=message_tokens + tool_tokens,
     )
+
+
+def _check_fields(body: dict[str, Any], stream: bool) -> bool:
+    """Check every field but the model and the messages; return whether the client asked for usage."""
+    for name, low, high in _NUMBER_RANGES:
+        _number(body.get(name), name, low, high)
+    for name, low_int, high_int in _INTEGER_RANGES:
+        _integer(body.get(name), name, low_int, high_int)
+    for name in _BOOLEANS:
+        _boolean(body.get(name), name)
+    _string(body.get("user"), "user")
+    _stop(body.get("stop"))
+    _logit_bias(body.get("logit_bias"))
+    _tool_choice(body.get("tool_choice"))
+    _response_format(body.get("response_format"))
+    _tools(body.get("tools"))
+    return _stream_options(body.get("stream_options"), stream)
 
 
 def _check_content_type(content_type: str | None) -> None:
