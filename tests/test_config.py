@@ -139,3 +139,11 @@ def test_check_config_cli(tmp_path: Path) -> None:
     fail = subprocess.run([*run, str(bad)], capture_output=True, text=True)
     assert fail.returncode == 1
     assert "upstreams[0].timeout.first_byte: must be > 0" in fail.stderr
+
+
+def test_an_invalid_provider_does_not_hide_the_same_upstreams_other_problems() -> None:
+    problems = _problems("upstreams: [{name: a, provider: openia, base_url: 'http://a/v1', models: [m], "
+                         "weight: 0, timeout: {first_byte: 0}, mock: {latency: -1}}]\n")
+    assert problems[0].startswith("upstreams[0].provider: ")
+    assert {"upstreams[0].weight: must be > 0", "upstreams[0].timeout.first_byte: must be > 0",
+            "upstreams[0].mock.latency: must be >= 0"} <= set(problems), problems
