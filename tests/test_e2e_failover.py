@@ -3,6 +3,7 @@ upstream servers switched into failure at run time."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 from collections.abc import Callable
@@ -174,15 +175,19 @@ def test_idle_stream_is_ended_with_an_error_event(gateway: StartGateway, stub: S
 
 def test_client_disconnect_cancels_the_upstream_request(gateway: StartGateway, stub: StubUpstream) -> None:
     # The stub sends two events and then holds the stream open until its connection closes, so
-    # only the gateway cancelling the upstream request can end its handler (not a race between
-    # the client's first read and a slow stream running out, however busy the machine is).
+    # only the gateway cancelling the upstream request can end its handler, however busy the
+    # machine is. The client keeps its iterator: an abandoned one closes the connection whenever
+    # the garbage collector finalises it, which made this test fail now and then.
     gw = gateway(_config(_up("a", stub.url, idle=600, total=600)))
     stub.behave("stall", after=2)
     with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": "m", "messages": MESSAGES, "stream": True}) as resp:
-        next(resp.iter_raw())
+        chunks = resp.iter_raw()
+        next(chunks)
+        gc.collect()  # whatever the collector finds now, the connection stays open
         assert stub.in_flight == 1
+        chunks.close()
     assert _eventually(lambda: stub.in_flight == 0, within=60)
 
 
