@@ -334,7 +334,7 @@ def _rejections(gw: GatewayProcess, count: int) -> Callable[[], bool]:
     return lambda: gw.log().count("config reload rejected") >= count
 
 
-def _wait_for(done: Callable[[], bool], what: str, timeout: float = 10) -> None:
+def _wait_for(done: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if done():

@@ -57,7 +57,8 @@ def test_the_set_up_section_has_the_two_commands() -> None:
     setup = text.split("\n## Set-up: two commands\n", 1)[1].split("\n## ", 1)[0]
     commands = [code.strip() for lang, code in blocks(setup)]
     assert commands == [
-        "python3 -m venv .venv && .venv/bin/pip install . openai && .venv/bin/llm-proxy serve --config config/demo.yaml",
+        "python3 -m venv .venv && .venv/bin/pip install . openai"
+        " && .venv/bin/llm-proxy serve --config config/demo.yaml",
         "./scripts/test"]
     assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
 
