@@ -65,6 +65,7 @@ def admin_routes(admin: AdminContext) -> list[BaseRoute]:
         route("/admin/teams", _list_teams, "GET"),
         route("/admin/teams/{name}", _get_team, "GET"),
         route("/admin/teams/{name}", _put_team, "PUT"),
+        route("/admin/teams/{name}", _patch_team, "PATCH"),
         route("/admin/teams/{name}/usage", _team_usage, "GET"),
         route("/admin/audit", _audit, "GET"),
         route("/admin/upstreams", _upstreams, "GET"),
@@ -197,6 +198,21 @@ async def _get_team(admin: AdminContext, request: Request, actor: str) -> Respon
 async def _put_team(admin: AdminContext, request: Request, actor: str) -> Response:
     team = await admin.keys.put_team(parse_team(request.path_params["name"], await _body(request)), actor)
     return _json(_team_json(team, "admin"))
+
+
+async def _patch_team(admin: AdminContext, request: Request, actor: str) -> Response:
+    """Change some of a team's settings: the limits named in the body (null removes one) and its
+    models when the body names them; everything else stays. (PUT replaces the whole team.)"""
+    changes = await _body(request)
+    if not isinstance(changes, dict):
+        raise InvalidRequestError("The body must be a JSON object.")
+    team, _ = await _team(admin, request.path_params["name"])
+    merged: dict[str, Any] = {"models": list(team.models) if team.models is not None else None,
+                              "limits": limits_json(team.limits), **changes}
+    if isinstance(changes.get("limits"), dict):
+        merged["limits"] = {**limits_json(team.limits), **changes["limits"]}
+    saved = await admin.keys.put_team(parse_team(team.name, merged), actor)
+    return _json(_team_json(saved, "admin"))
 
 
 async def _team_usage(admin: AdminContext, request: Request, actor: str) -> Response:

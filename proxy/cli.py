@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
 
@@ -26,11 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible LLM gateway.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="path of the YAML config")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every "
+                       "interface, as in a container (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port of the API, and of /admin/* unless "
+                       "server.admin_port is set (default: %(default)s)")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                        help="overrides logging.level in the config")
     serve.set_defaults(func=_serve)
@@ -96,7 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
     server = GatewayServer(settings, app.state.gateway, config.server.shutdown_delay, log)
     sockets = [settings.bind_socket()]
     if config.server.admin_port is not None:
-        sockets.append(uvicorn.Config(app, host=args.host, port=config.server.admin_port).bind_socket())
+        # Only its socket is used; log_config=None keeps it from configuring logging again
+        # (uvicorn's defaults would add its plain-text access lines beside the JSON ones).
+        admin = uvicorn.Config(app, host=args.host, port=config.server.admin_port, log_config=None,
+                               log_level=level, access_log=False)
+        sockets.append(admin.bind_socket())
     _tune_gc()
     server.run(sockets=sockets)
     return 0

@@ -164,21 +164,29 @@ def _upstream(r: Reader, raw: Any, path: str) -> UpstreamConfig | None:
     if provider == "azure" and not api_version:
         r.problem(f"{path}.api_version", "is required for provider azure")
     models = _models(r, d.get("models"), f"{path}.models")
+    # Every field is read before giving up on one that failed, so each problem is reported.
+    api_key = r.secret(d.get("api_key"), f"{path}.api_key")
+    weight = r.number(d.get("weight", 1.0), f"{path}.weight", minimum=0, exclusive=True)
+    priority = r.integer(d.get("priority", 0), f"{path}.priority", minimum=0)
+    max_concurrency = r.optional_int(d.get("max_concurrency"), f"{path}.max_concurrency", minimum=1)
+    timeout = _timeouts(r, d.get("timeout"), f"{path}.timeout")
+    mock = _mock(r, d.get("mock"), f"{path}.mock")
+    health_check = _health_check(r, d.get("health_check"), f"{path}.health_check")
     if name is None or provider is None or models is None:
         return None
     return UpstreamConfig(
         name=name,
         provider=provider,
         base_url=(base_url or "mock://" + name).rstrip("/"),
-        api_key=r.secret(d.get("api_key"), f"{path}.api_key"),
+        api_key=api_key,
         api_version=api_version,
         models=models,
-        weight=r.number(d.get("weight", 1.0), f"{path}.weight", minimum=0, exclusive=True),
-        priority=r.integer(d.get("priority", 0), f"{path}.priority", minimum=0),
-        max_concurrency=r.optional_int(d.get("max_concurrency"), f"{path}.max_concurrency", minimum=1),
-        timeout=_timeouts(r, d.get("timeout"), f"{path}.timeout"),
-        mock=_mock(r, d.get("mock"), f"{path}.mock"),
-        health_check=_health_check(r, d.get("health_check"), f"{path}.health_check"),
+        weight=weight,
+        priority=priority,
+        max_concurrency=max_concurrency,
+        timeout=timeout,
+        mock=mock,
+        health_check=health_check,
         proxy=upstream_proxy(r, d, path, base_url if provider != "mock" else None),
         tls=upstream_tls(r, d.get("tls"), f"{path}.tls", base_url),
     )

@@ -228,7 +228,7 @@ class TelemetryConfig:
 
     otlp_endpoint: str | None = None  # the traces endpoint, or the general one
     sdk_disabled: bool = False
-    multiprocess_dir: str | None = None  # set for ``uvicorn --workers N``
+    multiprocess_dir: str | None = None  # several gateway processes reporting as one target
     traces_exporter: str = "otlp"  # OTEL_TRACES_EXPORTER; "none" turns tracing off
 
     @property

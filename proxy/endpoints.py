@@ -29,6 +29,7 @@ from .config import DEFAULT_MAX_OUTPUT_TOKENS
 from .errors import (
     AuthenticationError,
     Header,
+    InvalidRequestError,
     ProxyError,
     RateLimitError,
     RequestTimeoutError,
@@ -106,12 +107,16 @@ class ChatCompletions:
         record.team, record.key_name = policy.team or "", policy.name
         content_type = header(scope, b"content-type")
         # The raw body is not kept in this frame: a stream would hold it to its end.
-        request = parse_chat_request(await _read_body(receive, scope, rt, watchdog),
-                                     content_type.decode("latin-1") if content_type else None)
+        try:
+            request = parse_chat_request(await _read_body(receive, scope, rt, watchdog),
+                                         content_type.decode("latin-1") if content_type else None)
+        except InvalidRequestError as exc:
+            record.model = exc.model if exc.model in rt.pool.models() else record.model
+            raise
         record.stream = request.stream
-        policy.check_model(request.model)
-        route = _route(rt, policy, request.model)
+        route = _route(rt, policy, request.model)  # an unknown model is a 404, whatever the allow-list
         record.model = request.model
+        policy.check_model(request.model)
         span.request(model=request.model, stream=request.stream, team=record.team,
                      key_name=record.key_name, max_tokens=request.max_tokens)
         reservation = await gw.quotas.reserve(policy, _estimate(request, rt))

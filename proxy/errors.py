@@ -53,6 +53,7 @@ class ProxyError(Exception):
 class InvalidRequestError(ProxyError):
     status = 400
     type = "invalid_request_error"
+    model: str | None = None  # the model a refused chat body named, for the metrics' model label
 
 
 class RequestTooLargeError(InvalidRequestError):

@@ -8,9 +8,9 @@ fixed sets (status, outcome, limit, state) ever become label values.
 The hot path never calls ``.labels()``: it hashes its arguments and takes a
 lock on every call, so label children are bound once and kept in dicts here.
 
-With ``uvicorn --workers N``, ``PROMETHEUS_MULTIPROC_DIR`` must be set before
+With several gateway processes reporting as one target, ``PROMETHEUS_MULTIPROC_DIR`` must be set before
 ``prometheus_client`` is imported (the library picks its value storage then);
-each worker writes its own files there and ``render`` merges them.
+each process writes its own files there and ``render`` merges them.
 """
 
 from __future__ import annotations

@@ -189,6 +189,9 @@ knows, passes unknown fields through untouched, and relays upstream answers as r
 """
 
 
+CHAT_EXAMPLE = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+
+
 def _chat_operation() -> dict[str, Any]:
     return {
         "operationId": "createChatCompletion",
@@ -199,8 +202,9 @@ def _chat_operation() -> dict[str, Any]:
             "errors before the first byte. With `stream: true` the answer is server-sent events, each "
             "`data:` line one chunk object, ending with `data: [DONE]`; a stream that breaks after it "
             "began ends with an error event and without `[DONE]`."),
+        # Without an example, "Try it out" fills every field with its type's zero, which the gateway refuses.
         "requestBody": {"required": True, "content": {
-            "application/json": {"schema": _ref("CreateChatCompletionRequest")}}},
+            "application/json": {"schema": _ref("CreateChatCompletionRequest"), "example": CHAT_EXAMPLE}}},
         "responses": {
             "200": {
                 "description": "The completion, or with `stream: true` its chunks as server-sent events.",

@@ -80,28 +80,21 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
     body = _load(raw)
     model = body.get("model")
     if model is None:
-        raise InvalidRequestError("You must provide a model parameter.", param="model")
+        raise InvalidRequestError("You must provide a model parameter.", param="model",
+                                  code="missing_required_parameter")
     if type(model) is not str:
         raise _type_error("model", "a string", model)
     if not model:
         raise InvalidRequestError("Invalid 'model': empty string. Expected a non-empty string.",
-                                  param="model")
-    message_tokens = _messages(body.get("messages"))
-    for name, low, high in _NUMBER_RANGES:
-        _number(body.get(name), name, low, high)
-    for name, low_int, high_int in _INTEGER_RANGES:
-        _integer(body.get(name), name, low_int, high_int)
-    for name in _BOOLEANS:
-        _boolean(body.get(name), name)
-    _string(body.get("user"), "user")
-    _stop(body.get("stop"))
-    _logit_bias(body.get("logit_bias"))
-    _tool_choice(body.get("tool_choice"))
-    _response_format(body.get("response_format"))
-    tools = body.get("tools")
-    _tools(tools)
+                                  param="model", code="empty_string")
     stream = body.get("stream") is True
-    include_usage = _stream_options(body.get("stream_options"), stream)
+    try:
+        message_tokens = _messages(body.get("messages"))
+        include_usage = _check_fields(body, stream)
+    except InvalidRequestError as exc:
+        exc.model = model
+        raise
+    tools = body.get("tools")
     tool_tokens = len(orjson.dumps(tools)) // BYTES_PER_TOKEN if tools else 0
     limit = body.get("max_completion_tokens")
     if limit is None:
@@ -116,6 +109,23 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
         n=1 if n is None else int(n),
         prompt_tokens=message_tokens + tool_tokens,
     )
+
+
+def _check_fields(body: dict[str, Any], stream: bool) -> bool:
+    """Check every field but the model and the messages; return whether the client asked for usage."""
+    for name, low, high in _NUMBER_RANGES:
+        _number(body.get(name), name, low, high)
+    for name, low_int, high_int in _INTEGER_RANGES:
+        _integer(body.get(name), name, low_int, high_int)
+    for name in _BOOLEANS:
+        _boolean(body.get(name), name)
+    _string(body.get("user"), "user")
+    _stop(body.get("stop"))
+    _logit_bias(body.get("logit_bias"))
+    _tool_choice(body.get("tool_choice"))
+    _response_format(body.get("response_format"))
+    _tools(body.get("tools"))
+    return _stream_options(body.get("stream_options"), stream)
 
 
 def _check_content_type(content_type: str | None) -> None:
@@ -155,11 +165,12 @@ def _check_depth(raw: bytes, body: dict[str, Any]) -> None:
 def _messages(messages: Any) -> int:
     """Check the messages; return their estimated tokens."""
     if messages is None:
-        raise InvalidRequestError("Missing required parameter: 'messages'.", param="messages")
+        raise _missing("messages")
     if type(messages) is not list:
         raise _type_error("messages", "an array", messages)
     if not messages:
-        raise InvalidRequestError("'messages' must contain at least one message.", param="messages")
+        raise InvalidRequestError("'messages' must contain at least one message.", param="messages",
+                                  code="empty_array")
     size = 0
     tokens = TOKENS_REPLY_PRIMING + TOKENS_PER_MESSAGE * len(messages)
     for i, message in enumerate(messages):
@@ -206,7 +217,7 @@ def _content_parts(parts: list[Any], where: str) -> tuple[int, int]:
     if not parts:
         raise InvalidRequestError(
             f"Invalid '{where}': empty array. Expected an array with minimum length 1, "
-            "but got an empty array instead.", param=where)
+            "but got an empty array instead.", param=where, code="empty_array")
     size, media = 0, 0
     for i, part in enumerate(parts):
         here = f"{where}[{i}]"
@@ -258,11 +269,11 @@ def _range(value: float, name: str, kind: str, low: float, high: float) -> None:
     if value < low:
         raise InvalidRequestError(
             f"Invalid '{name}': {kind} below minimum value. Expected a value >= {low}, "
-            f"but got {value} instead.", param=name)
+            f"but got {value} instead.", param=name, code=f"{kind}_below_min_value")
     if value > high:
         raise InvalidRequestError(
             f"Invalid '{name}': {kind} above maximum value. Expected a value <= {high}, "
-            f"but got {value} instead.", param=name)
+            f"but got {value} instead.", param=name, code=f"{kind}_above_max_value")
 
 
 def _boolean(value: Any, name: str) -> None:
@@ -289,7 +300,7 @@ def _stop(stop: Any) -> None:
     if len(stop) > MAX_STOP:
         raise InvalidRequestError(
             f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, "
-            f"but got an array with length {len(stop)} instead.", param="stop")
+            f"but got an array with length {len(stop)} instead.", param="stop", code="array_above_max_length")
     for i, item in enumerate(stop):
         if type(item) is not str:
             raise _type_error(f"stop[{i}]", "a string", item)
@@ -357,19 +368,22 @@ def _response_format(fmt: Any) -> None:
 
 
 def _missing(param: str) -> InvalidRequestError:
-    return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param,
+                               code="missing_required_parameter")
 
 
 def _type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
     return InvalidRequestError(
-        f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.", param=param)
+        f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.", param=param,
+        code="invalid_type")
 
 
 def _invalid_value(param: str, value: Any, supported: tuple[str, ...]) -> InvalidRequestError:
     options = ", ".join(f"'{s}'" for s in supported[:-1]) + f", and '{supported[-1]}'"
     shown = f"'{value}'" if type(value) is str else _kind(value)
     return InvalidRequestError(
-        f"Invalid value for '{param}': {shown}. Supported values are: {options}.", param=param)
+        f"Invalid value for '{param}': {shown}. Supported values are: {options}.", param=param,
+        code="invalid_value")
 
 
 def _kind(value: Any) -> str:

@@ -546,7 +546,7 @@ class MockTransport:
         request = orjson.loads(body)
         if self._settings.latency:
             await asyncio.sleep(self._settings.latency)
-        plan = mock.plan(request, self._settings.completion_tokens)
+        plan = mock.fresh(mock.plan(request, self._settings.completion_tokens))
         tps = self._settings.tokens_per_second
         if request.get("stream"):
             usage = bool((request.get("stream_options") or {}).get("include_usage"))

@@ -15,10 +15,17 @@ import httpx
 from tests.stub_upstream import free_port
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class GatewayProcess:
     def __init__(self, config_text: str, env: dict[str, str] | None = None,
                  port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        # A port picked here may be taken by another test process before the gateway binds it:
+        # then it is picked again. A port the caller chose, or one a client already knows, is kept.
+        self._may_move = port is None
         self._dir = tempfile.TemporaryDirectory(prefix="llm-proxy-test-")
         self.config_path = Path(self._dir.name) / "config.yaml"
         self.config_path.write_text(config_text)
@@ -32,6 +39,17 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: float = 20.0) -> GatewayProcess:
+        for _ in range(4):
+            try:
+                started = self._start(wait)
+            except _PortTaken:
+                self.port = free_port()
+                continue
+            self._may_move = False
+            return started
+        raise RuntimeError(f"no free port for the gateway:\n{self.log()}")
+
+    def _start(self, wait: float) -> GatewayProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path),
@@ -40,6 +58,8 @@ class GatewayProcess:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._may_move and "address already in use" in self.log().lower():
+                    raise _PortTaken
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:

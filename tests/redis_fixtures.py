@@ -85,9 +85,14 @@ def _ping(port: int) -> bool:
         return False
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class RedisServer:
     def __init__(self, port: int | None = None, *extra: str) -> None:
         self.port = port or free_port()
+        self._may_move = port is None  # see GatewayProcess: a port picked here may be taken meanwhile
         self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="llmp-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -98,20 +103,30 @@ class RedisServer:
 
     def start(self, wait: float = 10.0) -> RedisServer:
         """Start and wait for PONG; on failure nothing is left running."""
-        try:
-            return self._start(wait)
-        except BaseException:
-            self.stop()
-            raise
+        for _ in range(4):
+            try:
+                started = self._start(wait)
+            except _PortTaken:
+                self.stop()
+                self.port = free_port()
+                continue
+            except BaseException:
+                self.stop()
+                raise
+            self._may_move = False
+            return started
+        raise RuntimeError("no free port for redis-server")
 
     def _start(self, wait: float) -> RedisServer:
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._may_move and b"in use" in (self.dir / "redis.log").read_bytes():
+                    raise _PortTaken
                 raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
             if _ping(self.port):
                 return self

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 import threading
@@ -131,7 +132,15 @@ class StubUpstream:
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls).start()
+        for _ in range(4):  # the port picked in __init__ may have been taken by another test process since
+            try:
+                await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls).start()
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                self.port = free_port()
+        raise RuntimeError("no free port for the stub upstream")
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         if request.path.endswith("/chat/completions"):

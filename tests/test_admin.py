@@ -219,3 +219,22 @@ async def test_unknown_key_is_404_and_bad_json_is_400(pair: tuple[Replica, Repli
     assert (await one.http.delete("/admin/keys/key_nope", headers=AUTH)).status_code == 404
     response = await one.http.post("/admin/keys", content=b"{not json", headers=AUTH)
     assert response.status_code == 400
+
+
+async def test_patch_changes_only_the_named_team_settings_where_put_replaces_the_team(
+        pair: tuple[Replica, Replica]) -> None:
+    one, _ = pair
+    patched = await one.http.patch("/admin/teams/team-a", headers=AUTH, json={"limits": {"tokens_per_month": 5000}})
+    assert patched.status_code == 200, patched.text
+    limits = patched.json()["limits"]
+    assert (limits["rpm"], limits["tokens_per_month"]) == (50, 5000)  # the configured rpm stays
+    patched = await one.http.patch("/admin/teams/team-a", headers=AUTH,
+                                   json={"models": ["gpt-4o-mini"], "limits": {"rpm": None}})
+    assert patched.json()["models"] == ["gpt-4o-mini"]
+    assert (patched.json()["limits"]["rpm"], patched.json()["limits"]["tokens_per_month"]) == (None, 5000)
+    put = await one.http.put("/admin/teams/team-a", headers=AUTH, json={"limits": {"rpm": 7}})
+    assert put.json()["models"] is None and put.json()["limits"]["tokens_per_month"] is None
+    missing = await one.http.patch("/admin/teams/no-such-team", headers=AUTH, json={"limits": {"rpm": 1}})
+    assert missing.status_code == 404
+    bad = await one.http.patch("/admin/teams/team-a", headers=AUTH, json={"limits": {"rpm": -1}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limits.rpm"

@@ -158,3 +158,11 @@ def test_a_models_maximum_output_bounds_its_quota_estimate() -> None:
     assert _problems(MINIMAL + "models: {m: {max_output_tokens: lots}}\n") == [
         "models.m.max_output_tokens: must be an integer"]
     assert _problems(MINIMAL + "models: {other: {max_output_tokens: 10}}\n")  # not a configured model
+
+
+def test_an_invalid_provider_does_not_hide_the_same_upstreams_other_problems() -> None:
+    problems = _problems("upstreams: [{name: a, provider: openia, base_url: 'http://a/v1', models: [m], "
+                         "weight: 0, timeout: {first_byte: 0}, mock: {latency: -1}}]\n")
+    assert problems[0].startswith("upstreams[0].provider: ")
+    assert {"upstreams[0].weight: must be > 0", "upstreams[0].timeout.first_byte: must be > 0",
+            "upstreams[0].mock.latency: must be >= 0"} <= set(problems), problems

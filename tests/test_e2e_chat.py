@@ -161,10 +161,27 @@ def test_model_outside_allow_list_is_403(env: tuple[StubUpstream, GatewayProcess
     assert upstream.chat_requests == []
 
 
-def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError) as err:
-        client.chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
-    assert err.value.code == "model_not_found"
+def test_unknown_model_is_404_model_not_found(env: tuple[StubUpstream, GatewayProcess],
+                                              client: openai.OpenAI) -> None:
+    limited = openai.OpenAI(base_url=env[1].url + "/v1", api_key=LIMITED_KEY, max_retries=0)
+    for caller in (client, limited):  # an allow-list does not turn a model that does not exist into a 403
+        with pytest.raises(openai.NotFoundError) as err:
+            caller.chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
+        assert err.value.code == "model_not_found"
+
+
+def test_refused_requests_are_counted_under_their_configured_model(raw: httpx.Client) -> None:
+    def refused(model: str, status: str) -> float:
+        labels = (f'model="{model}"', 'key_name="app"', f'status="{status}"')
+        lines = [line for line in raw.get("/metrics").text.splitlines()
+                 if line.startswith("llm_proxy_requests_total{") and all(label in line for label in labels)]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    before = refused("gpt-4o", "400"), refused("unknown", "400")
+    answer = raw.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES, "temperature": 9})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "decimal_above_max_value"
+    raw.post("/v1/chat/completions", json={"model": "not-configured", "messages": MESSAGES, "n": 0})
+    assert (refused("gpt-4o", "400"), refused("unknown", "400")) == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -334,7 +334,7 @@ def _rejections(gw: GatewayProcess, count: int) -> Callable[[], bool]:
     return lambda: gw.log().count("config reload rejected") >= count
 
 
-def _wait_for(done: Callable[[], bool], what: str, timeout: float = 10) -> None:
+def _wait_for(done: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if done():
@@ -423,6 +423,15 @@ def _start_again(redis: RedisServer) -> None:
     raise RuntimeError("redis did not start again")
 
 
+def _answered(traffics: Iterable[Traffic], since: float, count: int = 5, within: float = 60) -> None:
+    """Wait until every client got ``count`` answers to requests sent after ``since`` (not a fixed
+    time: on a busy machine a second may hold no answer at all)."""
+    deadline = time.monotonic() + within
+    while any(sum(t > since for t, _ in traffic.answers) < count for traffic in traffics):
+        assert time.monotonic() < deadline, "the clients got too few answers"
+        time.sleep(0.05)
+
+
 def _reserved(answer: Answer) -> bool:
     """The gateway reserved this request in the store (its rate headers say so)."""
     return "x-ratelimit-limit-requests" in answer.headers
@@ -436,16 +445,16 @@ def test_redis_killed_and_restarted_mid_traffic(stubs: dict[str, StubUpstream], 
             gw.start()
         keys = {mode: issue_key(gw, mode) for mode, gw in gws.items()}
         traffic = {mode: Traffic([(gw.url, keys[mode][1])], workers=3).start() for mode, gw in gws.items()}
-        time.sleep(1.0)
+        _answered(traffic.values(), since=time.monotonic())
         assert redis.proc is not None
         redis.proc.send_signal(signal.SIGKILL)
         redis.proc.wait(5)
         killed = time.monotonic()
-        time.sleep(1.5)
+        _answered(traffic.values(), since=killed + 0.3)
         restarting = time.monotonic()
         _start_again(redis)
         restarted = time.monotonic()
-        time.sleep(2.0)
+        _answered(traffic.values(), since=restarted + 1.0)
         results = {mode: t.stop() for mode, t in traffic.items()}
         time.sleep(0.3)  # the last settles
         full = served_usage("m")

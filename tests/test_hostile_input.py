@@ -495,7 +495,7 @@ def test_slowloris_does_not_starve_good_clients(gw: GatewayProcess, client: http
     finally:
         for sock in slow:
             sock.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while _open_fds(gw) > before + 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _open_fds(gw) <= before + 5  # and all given back when the clients leave

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -13,6 +14,7 @@ from starlette.testclient import TestClient
 
 import proxy.openapi
 from proxy.openapi import openapi_routes
+from proxy.schema import parse_chat_request
 
 ERROR_STATUSES = {"400", "401", "403", "404", "408", "413", "429", "502", "503", "504"}
 OPENAI_SCHEMAS = {"CreateChatCompletionRequest", "CreateChatCompletionResponse",
@@ -213,3 +215,12 @@ def test_behind_a_path_prefix_every_url_keeps_the_prefix() -> None:
         assert c.get("/openapi.json").json()["servers"] == [{"url": "/llm"}]
     with TestClient(Starlette(routes=openapi_routes())) as c:
         assert c.get("/openapi.json").json()["servers"] == [{"url": "/"}]
+
+
+def test_the_try_it_out_body_is_one_the_gateway_accepts(document: dict[str, Any]) -> None:
+    # Swagger UI sends the media type's example as it is; without one it makes a body of zeros
+    # ("max_completion_tokens": 0), which the gateway refuses with a 400.
+    media = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    example = media["example"]
+    request = parse_chat_request(json.dumps(example).encode(), "application/json")
+    assert request.model and request.max_tokens is None

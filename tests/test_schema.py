@@ -242,6 +242,7 @@ def test_numbers_in_range_accepted(field: str, value: float) -> None:
 def test_numbers_out_of_range_rejected(field: str, value: float) -> None:
     exc = assert_rejects(body(**{field: value}), field, f"Invalid '{field}'", f"got {value} instead")
     assert ("above maximum" in exc.message) != ("below minimum" in exc.message)
+    assert exc.code == ("decimal_above_max_value" if "above" in exc.message else "decimal_below_min_value")
 
 
 @pytest.mark.parametrize("field", [f for f, _, _ in NUMBER_FIELDS])
@@ -276,6 +277,7 @@ def test_integers_in_range_accepted(field: str, value: int) -> None:
 def test_integers_out_of_range_rejected(field: str, value: int) -> None:
     exc = assert_rejects(body(**{field: value}), field, f"Invalid '{field}': integer")
     assert "Expected a value" in exc.message
+    assert exc.code == ("integer_above_max_value" if "above" in exc.message else "integer_below_min_value")
 
 
 @pytest.mark.parametrize("field", [f for f, _, _ in INTEGER_FIELDS])
@@ -523,3 +525,16 @@ def test_accepted_samples_conform_to_openai_request_schema(sample: dict[str, Any
 def test_conformance_helper_catches_what_the_gateway_would_reject() -> None:
     with pytest.raises(AssertionError, match="temperature"):
         assert_conforms(body(temperature=3), "CreateChatCompletionRequest")
+
+
+@pytest.mark.parametrize(("value", "code"), [
+    ({"model": "m"}, "missing_required_parameter"),
+    (body(temperature="hot"), "invalid_type"),
+    (body(messages=[{"role": "robot", "content": "x"}]), "invalid_value"),
+    (body(stop=["a", "b", "c", "d", "e"]), "array_above_max_length"),
+    (body(messages=[]), "empty_array"),
+    (body(max_tokens=0), "integer_below_min_value"),
+])
+def test_errors_carry_openais_code(value: dict[str, Any], code: str) -> None:
+    exc = rejected(value)
+    assert exc.code == code and orjson.loads(exc.body())["error"]["code"] == code

@@ -156,7 +156,7 @@ async def test_a_hung_redis_never_hangs_a_request(redis_server: RedisServer,  # 
         assert time.perf_counter() - started < TIMEOUT * 2 + 0.3
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             await quotas.reserve(p, 1)
