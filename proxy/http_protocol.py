@@ -266,8 +266,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         framing = b"".join(name + b": " + value + b"\r\n" for name, value in self.scope["headers"]
                            if name in (b"content-length", b"transfer-encoding"))
         self.parser = httptools.HttpRequestParser(_AfterDeclinedUpgrade(self))
-        with contextlib.suppress(AttributeError):  # httptools before 0.6.3 has no leniencies
-            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
         self.data_received(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
 
     def shutdown(self) -> None:
