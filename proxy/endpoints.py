@@ -43,6 +43,7 @@ from .schema import ChatRequest, parse_chat_request
 from .stream_waits import StreamWaits
 from .streaming import SseRelay, error_event
 from .tracing import RequestSpan
+from .unanswered import Unanswered
 from .watchdog import Watchdog
 
 _JSON = b"application/json"
@@ -106,7 +107,7 @@ class ChatCompletions:
         record.team, record.key_name = policy.team or "", policy.name
         content_type = header(scope, b"content-type")
         # The raw body is not kept in this frame: a stream would hold it to its end.
-        request = parse_chat_request(await _read_body(receive, scope, rt, watchdog),
+        request = parse_chat_request(await _read_body(receive, scope, rt, watchdog, gw.unanswered),
                                      content_type.decode("latin-1") if content_type else None)
         record.stream = request.stream
         policy.check_model(request.model)
@@ -123,11 +124,12 @@ class ChatCompletions:
         prompt_estimate, charge_at_least = request.prompt_tokens, 0
         try:
             with watch.watching(receive, scope):
-                # Left before an answer (the client went away, or shutdown ended it): an upstream may
-                # be at work on the prompt already, and providers bill a prompt they were sent.
-                charge_at_least = prompt_estimate
-                forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
-                                                       _forward_headers(scope), watchdog)
+                with gw.unanswered.wait():  # a shutdown whose grace runs out answers it 503
+                    # Left before an answer (the client went away, or shutdown ended it): an upstream
+                    # may be at work on the prompt already, and providers bill a prompt they were sent.
+                    charge_at_least = prompt_estimate
+                    forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
+                                                           _forward_headers(scope), watchdog)
                 charge_at_least = 0  # answered: what the answer used is charged
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
@@ -141,8 +143,9 @@ class ChatCompletions:
                         await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
                 else:
                     await self._relay_body(send, prompt_tokens, forwarded, record, watch)
-        except ProxyError:
-            charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
+        except ProxyError as exc:
+            if not isinstance(exc, ServerShuttingDownError):  # that one ended a forwarded request
+                charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
             raise
         finally:
             record.upstream_time = time.perf_counter() - forward_started
@@ -245,11 +248,13 @@ async def authenticate(gw: Gateway, rt: Runtime, scope: Scope) -> KeyPolicy:
         raise
 
 
-async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watchdog) -> bytes:
+async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watchdog,
+                     unanswered: Unanswered) -> bytes:
     # The request's one timer is armed here: the attempts and the stream move it.
     watchdog.expire_in(rt.config.server.body_timeout)
     try:
-        return await read_body(receive, scope, rt.config.server.max_body_bytes)
+        with unanswered.wait():  # a shutdown whose grace runs out answers it 503
+            return await read_body(receive, scope, rt.config.server.max_body_bytes)
     except asyncio.CancelledError:
         if watchdog.expired():
             raise RequestTimeoutError("The request body did not arrive in time.") from None
