@@ -93,7 +93,7 @@ class ChatCompletions:
                 await send_error(send, exc, record.headers)
             except ClientGone as gone:
                 record.status, record.error_code = 499, gone.code
-                if isinstance(gone, ClientTooSlow):
+                if isinstance(gone, ClientTooSlow) and record.stream:
                     tel.metrics.stream_error(gone.code)
             finally:
                 watchdog.close()
@@ -161,6 +161,8 @@ class ChatCompletions:
         record.status = status
         watch.finishing = True
         await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
+        if watch.write_timed_out:  # its send waited behind an earlier answer the client never took
+            raise ClientTooSlow
 
     async def _relay_stream(self, send: Send, strip_usage: bool, prompt_tokens: int, fwd: Forwarded,
                             record: RequestRecord, waits: StreamWaits) -> None:
