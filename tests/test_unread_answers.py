@@ -18,6 +18,8 @@ import httpx
 import orjson
 import pytest
 
+from proxy.config import parse_config
+from proxy.errors import ConfigError
 from tests.gateway_process import GatewayProcess
 from tests.stub_upstream import StubUpstream
 
@@ -150,3 +152,13 @@ def test_a_pipelined_request_whose_answer_waited_behind_an_untaken_one_is_logged
     # Its answer could not be sent: the connection was reset while it waited for room.
     assert (second["status"], second["error_code"]) == (499, "client_write_timeout")
     assert second["completion_tokens"] == 1000  # the upstream answered it: its usage is charged
+
+
+def test_send_timeout_is_sixty_seconds_unless_set_and_must_be_positive() -> None:
+    upstreams = "upstreams: [{name: a, base_url: 'http://a/v1', models: [m]}]\n"
+    assert parse_config(upstreams, {}).server.send_timeout == 60
+    assert parse_config(upstreams + "server: {send_timeout: 5}", {}).server.send_timeout == 5
+    for bad in ("0", ".inf", "soon"):
+        with pytest.raises(ConfigError) as raised:
+            parse_config(upstreams + f"server: {{send_timeout: {bad}}}", {})
+        assert any("server.send_timeout" in problem for problem in raised.value.problems)
