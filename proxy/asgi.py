@@ -36,7 +36,7 @@ class DisconnectSignal:
         self._callback: Callable[[], None] | None = None
         self._connection = connection
         self._lost = False
-        self.write_timed_out = False  # the connection reset it: its client left an answer untaken too long
+        self.write_timed_out = False  # set before the connection resets itself: an answer was left untaken
 
     def watch(self, callback: Callable[[], None]) -> bool:
         """Have ``callback`` called once when the connection is lost; False, and nothing

@@ -29,9 +29,6 @@ class Unanswered:
         self._waits: set[AnswerWait] = set()
         self.ending = False
 
-    def __len__(self) -> int:
-        return len(self._waits)
-
     def wait(self) -> AnswerWait:
         """``with unanswered.wait():`` around one wait of a request before its answer begins."""
         return AnswerWait(self)

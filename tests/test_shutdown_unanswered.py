@@ -115,8 +115,7 @@ def _assert_shutting_down(status: int, headers: httpx.Headers | dict[str, str], 
 
 def test_requests_unanswered_when_the_grace_runs_out_get_an_openai_503_and_are_charged_their_prompt(
         gateway: StartGateway, stub: StubUpstream, redis_server: RedisServer) -> None:  # noqa: F811
-    config = _config(stub, redis_server.url, "{shutdown_delay: 0}")
-    gw = gateway(config.replace("{shutdown_delay: 0}", "{shutdown_delay: 0.5, shutdown_grace: 4, body_timeout: 120}"))
+    gw = gateway(_config(stub, redis_server.url, "{shutdown_delay: 0.5, shutdown_grace: 4, body_timeout: 120}"))
     key_id, key = _issue_key(gw)
     stub.queue(Behaviour("hang"), Behaviour("hang_body"), Behaviour("hang"))
     answers: list[httpx.Response] = []
@@ -126,7 +125,7 @@ def test_requests_unanswered_when_the_grace_runs_out_get_an_openai_503_and_are_c
              threading.Thread(target=_httpx_call, args=(gw, key, STREAM, answers))]
     for held, call in enumerate(calls, 1):  # one at a time: each meets its own behaviour
         call.start()
-        _wait_for(lambda held=held: stub.in_flight == held, 30)  # type: ignore[misc]
+        _wait_for(lambda held=held: stub.in_flight == held, 30)
     slow = _slow_body(gw, key)
     gw.signal(signal.SIGTERM)
     for call in calls:
@@ -147,7 +146,7 @@ def test_requests_unanswered_when_the_grace_runs_out_get_an_openai_503_and_are_c
     _wait_for(lambda: stub.in_flight == 0, 30)  # the upstream requests were closed
     # Settled: another replica on the same store sees no lease left, and each forwarded request
     # charged its prompt estimate (the one whose body never came was not forwarded: nothing).
-    later = gateway(config)
+    later = gateway(_config(stub, redis_server.url, "{shutdown_delay: 0}"))
     usage = _usage(later, key_id)
     assert usage["concurrency"] == 0
     assert usage["tokens_per_day"] == sum(_estimate(body) for body in (PLAIN, HEADERS_ONLY, STREAM))
