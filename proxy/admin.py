@@ -9,6 +9,7 @@ not in listings, not in the audit log, not in logs.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .asgi import ClientGone, read_body
 from .auth_guard import AuthFailureGuard
 from .config import Config, TeamConfig
 from .errors import (
@@ -27,7 +29,7 @@ from .errors import (
     NotFoundError,
     ProxyError,
     RateLimitError,
-    RequestTooLargeError,
+    RequestTimeoutError,
     ServiceUnavailableError,
 )
 from .issued_keys import IssuedKey, IssuedKeys, limits_json, parse_key_spec, parse_overlap, parse_team
@@ -80,6 +82,8 @@ def _guarded(admin: AdminContext, handler: Handler) -> Callable[[Request], Await
         except ProxyError as exc:
             return Response(exc.body(), exc.status, headers={k.decode(): v.decode() for k, v in exc.headers},
                             media_type="application/json")
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it: the client left while sending its body
 
     return endpoint
 
@@ -100,10 +104,16 @@ def _authorize(config: Config, request: Request, guard: AuthFailureGuard) -> str
     return f"{name}@{request.client.host if request.client else 'unknown'}"
 
 
-async def _body(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY:
-        raise RequestTooLargeError(f"The body is larger than {_MAX_BODY} bytes.")
+async def _body(admin: AdminContext, request: Request) -> Any:
+    """The JSON body, or None when there is none. Its declared length (and, chunked, what has
+    arrived) is held to ``_MAX_BODY`` before more is read (413), and the whole of it must
+    arrive within ``server.body_timeout`` (408): an admin call holds no more than the API's."""
+    timeout = admin.config().server.body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await read_body(request.receive, request.scope, _MAX_BODY)
+    except TimeoutError:
+        raise RequestTimeoutError(f"The request body did not arrive within {timeout:g} s.") from None
     if not raw.strip():
         return None
     try:
@@ -133,7 +143,7 @@ async def key_view(quotas: QuotaService, key: IssuedKey) -> dict[str, Any]:
 
 
 async def _create_key(admin: AdminContext, request: Request, actor: str) -> Response:
-    key, secret = await admin.keys.create(parse_key_spec(await _body(request)), actor)
+    key, secret = await admin.keys.create(parse_key_spec(await _body(admin, request)), actor)
     return _json({**key.public(), "key": secret}, 201, secret=True)
 
 
@@ -147,7 +157,7 @@ async def _get_key(admin: AdminContext, request: Request, actor: str) -> Respons
 
 
 async def _update_key(admin: AdminContext, request: Request, actor: str) -> Response:
-    body = await _body(request)
+    body = await _body(admin, request)
     if not isinstance(body, dict):
         raise InvalidRequestError("The body must be a JSON object.")
     key = await admin.keys.update(request.path_params["key_id"], body, actor)
@@ -159,7 +169,7 @@ async def _revoke_key(admin: AdminContext, request: Request, actor: str) -> Resp
 
 
 async def _rotate_key(admin: AdminContext, request: Request, actor: str) -> Response:
-    body = await _body(request) or {}
+    body = await _body(admin, request) or {}
     if not isinstance(body, dict) or set(body) - {"overlap_seconds"}:
         raise InvalidRequestError("The body may only hold 'overlap_seconds'.")
     key, secret = await admin.keys.rotate(request.path_params["key_id"],
@@ -196,7 +206,7 @@ async def _get_team(admin: AdminContext, request: Request, actor: str) -> Respon
 
 
 async def _put_team(admin: AdminContext, request: Request, actor: str) -> Response:
-    team = await admin.keys.put_team(parse_team(request.path_params["name"], await _body(request)), actor)
+    team = await admin.keys.put_team(parse_team(request.path_params["name"], await _body(admin, request)), actor)
     return _json(_team_json(team, "admin"))
 
 

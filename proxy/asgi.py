@@ -30,12 +30,13 @@ class DisconnectSignal:
     the garbage collector frees. (The ``connection`` it may hold is the protocol, but only until
     the connection is lost, which breaks that cycle.)"""
 
-    __slots__ = ("_callback", "_connection", "_lost")
+    __slots__ = ("_callback", "_connection", "_lost", "write_timed_out")
 
     def __init__(self, connection: Abortable | None = None) -> None:
         self._callback: Callable[[], None] | None = None
         self._connection = connection
         self._lost = False
+        self.write_timed_out = False  # set before the connection resets itself: an answer was left untaken
 
     def watch(self, callback: Callable[[], None]) -> bool:
         """Have ``callback`` called once when the connection is lost; False, and nothing
@@ -180,6 +181,12 @@ class DisconnectWatch:
             self._task.uncancel()
             raise ClientGone from None
         return False
+
+    @property
+    def write_timed_out(self) -> bool:
+        """The connection was reset because its client did not take an answer written to it in time
+        (``send_timeout`` of the gateway's HTTP protocol): a send it held back returned unsent."""
+        return self._hook is not None and self._hook.write_timed_out
 
     def abort(self) -> None:
         """Drop the connection (a client that does not read its answer). Under another server

@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, config_path=args.config, telemetry=telemetry, logger=log)
     # One protocol class serves every socket below: header size and header-read time are bounded.
     http = limited_protocol(config.server.max_header_bytes, config.server.header_timeout,
-                            config.server.max_body_bytes)
+                            config.server.max_body_bytes, config.server.send_timeout)
     settings = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http=http,
                               lifespan="on", log_level=level, access_log=False,
                               server_header=False, date_header=False,

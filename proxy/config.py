@@ -393,13 +393,15 @@ def _quotas(r: Reader, raw: Any, path: str) -> QuotasConfig:
 
 def _server(r: Reader, raw: Any, path: str) -> ServerConfig:
     d = r.mapping(raw, path, {"max_body_bytes", "body_timeout", "header_timeout", "max_header_bytes",
-                              "shutdown_delay", "shutdown_grace", "reload_interval", "admin_port"},
+                              "shutdown_delay", "shutdown_grace", "reload_interval", "admin_port", "send_timeout"},
                   optional=True) or {}
     dflt = ServerConfig()
     return ServerConfig(
         max_body_bytes=r.integer(d.get("max_body_bytes", dflt.max_body_bytes),
                                  f"{path}.max_body_bytes", minimum=1024),
         body_timeout=r.number(d.get("body_timeout", dflt.body_timeout), f"{path}.body_timeout",
+                              minimum=0, exclusive=True),
+        send_timeout=r.number(d.get("send_timeout", dflt.send_timeout), f"{path}.send_timeout",
                               minimum=0, exclusive=True),
         header_timeout=r.number(d.get("header_timeout", dflt.header_timeout), f"{path}.header_timeout",
                                 minimum=0, exclusive=True),

@@ -173,6 +173,7 @@ class QuotasConfig:
 class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     body_timeout: float = 30.0  # a client must deliver its whole body within this (slow-body defence)
+    send_timeout: float = 60.0  # a client must take a finished answer within this, or the connection is reset
     header_timeout: float = 10.0  # request line + headers within this of the connection or request starting (408)
     max_header_bytes: int = 64 * 1024  # request line and headers together; larger blocks get 431
     shutdown_delay: float = 5.0  # after SIGTERM: not ready, still serving

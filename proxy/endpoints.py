@@ -44,6 +44,7 @@ from .schema import ChatRequest, parse_chat_request
 from .stream_waits import StreamWaits
 from .streaming import SseRelay, error_event
 from .tracing import RequestSpan
+from .unanswered import Unanswered
 from .watchdog import Watchdog
 
 _JSON = b"application/json"
@@ -93,7 +94,7 @@ class ChatCompletions:
                 await send_error(send, exc, record.headers)
             except ClientGone as gone:
                 record.status, record.error_code = 499, gone.code
-                if isinstance(gone, ClientTooSlow):
+                if isinstance(gone, ClientTooSlow) and record.stream:
                     tel.metrics.stream_error(gone.code)
             finally:
                 watchdog.close()
@@ -108,7 +109,7 @@ class ChatCompletions:
         content_type = header(scope, b"content-type")
         # The raw body is not kept in this frame: a stream would hold it to its end.
         try:
-            request = parse_chat_request(await _read_body(receive, scope, rt, watchdog),
+            request = parse_chat_request(await _read_body(receive, scope, rt, watchdog, gw.unanswered),
                                          content_type.decode("latin-1") if content_type else None)
         except InvalidRequestError as exc:
             record.model = exc.model if exc.model in rt.pool.models() else record.model
@@ -128,11 +129,12 @@ class ChatCompletions:
         prompt_estimate, charge_at_least = request.prompt_tokens, 0
         try:
             with watch.watching(receive, scope):
-                # Left before an answer (the client went away, or shutdown ended it): an upstream may
-                # be at work on the prompt already, and providers bill a prompt they were sent.
-                charge_at_least = prompt_estimate
-                forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
-                                                       _forward_headers(scope), watchdog)
+                with gw.unanswered.wait():  # a shutdown whose grace runs out answers it 503
+                    # Left before an answer (the client went away, or shutdown ended it): an upstream
+                    # may be at work on the prompt already, and providers bill a prompt they were sent.
+                    charge_at_least = prompt_estimate
+                    forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
+                                                           _forward_headers(scope), watchdog)
                 charge_at_least = 0  # answered: what the answer used is charged
                 record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
                 record.attempts = forwarded.attempts
@@ -146,8 +148,9 @@ class ChatCompletions:
                         await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
                 else:
                     await self._relay_body(send, prompt_tokens, forwarded, record, watch)
-        except ProxyError:
-            charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
+        except ProxyError as exc:
+            if not isinstance(exc, ServerShuttingDownError):  # that one ended a forwarded request
+                charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
             raise
         finally:
             record.upstream_time = time.perf_counter() - forward_started
@@ -163,6 +166,8 @@ class ChatCompletions:
         record.status = status
         watch.finishing = True
         await send_bytes(send, status, fwd.first, _JSON, [*record.headers, *_upstream_header(fwd)])
+        if watch.write_timed_out:  # its send waited behind an earlier answer the client never took
+            raise ClientTooSlow
 
     async def _relay_stream(self, send: Send, strip_usage: bool, prompt_tokens: int, fwd: Forwarded,
                             record: RequestRecord, waits: StreamWaits) -> None:
@@ -250,11 +255,13 @@ async def authenticate(gw: Gateway, rt: Runtime, scope: Scope) -> KeyPolicy:
         raise
 
 
-async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watchdog) -> bytes:
+async def _read_body(receive: Receive, scope: Scope, rt: Runtime, watchdog: Watchdog,
+                     unanswered: Unanswered) -> bytes:
     # The request's one timer is armed here: the attempts and the stream move it.
     watchdog.expire_in(rt.config.server.body_timeout)
     try:
-        return await read_body(receive, scope, rt.config.server.max_body_bytes)
+        with unanswered.wait():  # a shutdown whose grace runs out answers it 503
+            return await read_body(receive, scope, rt.config.server.max_body_bytes)
     except asyncio.CancelledError:
         if watchdog.expired():
             raise RequestTimeoutError("The request body did not arrive in time.") from None

@@ -27,6 +27,7 @@ from .retry_budget import RetryBudget
 from .stream_waits import OpenStreams
 from .telemetry import Pricing, Telemetry
 from .transport import Transport
+from .unanswered import Unanswered
 
 # Changing these needs a restart: they shape objects built once at start-up.
 RESTART_ONLY = ("redis_url", "admin_key", "server")
@@ -58,6 +59,7 @@ class Gateway:
         self._retired: set[Transport] = set()
         self._closers: set[asyncio.Task[None]] = set()
         self.streams = OpenStreams()  # for the shutdown, which ends those still open at its grace's end
+        self.unanswered = Unanswered()  # the same, for requests whose answer has not begun
 
     def _build(self, config: Config, old: Runtime | None) -> Runtime:
         pool = Pool(config, make_selector(config.routing.strategy), config.health,

@@ -32,6 +32,16 @@ connection that never finishes its headers for ever. This subclass bounds both:
   pipelined requests would otherwise queue thousands of them. The requests
   taken are answered, then the connection is closed.
 * Malformed HTTP gets a 400 in OpenAI's format, not uvicorn's plain text.
+* ``send_timeout``: an answer finished while part of it is still held for the
+  client (it reads slowly, or not at all) must be taken within this, else the
+  connection is reset and what it held dropped. Unbounded, a client that sends
+  requests and never reads would keep each answer, up to the upstream answer
+  cap, and the connection for ever: closing a connection waits for its buffer
+  to drain. The timer runs from the end of each answer while bytes are held,
+  and is stopped by the end of the next; an answer under way when it expires
+  is bounded by its own waits (a stream's writes), not by it. A request still
+  under way then (a pipelined one whose answer waited for the buffer) learns
+  why its connection went (``DisconnectSignal.write_timed_out``).
 
 A refused connection is closed gracefully: the answer is sent, the write side
 shut, and whatever the client still sends is read and dropped for up to
@@ -42,7 +52,8 @@ and the connection closed after it.
 
 The timers are ``loop.call_later`` handles: one per connection, plus one per
 request only when its headers (or its trailer) arrive in more than one read,
-and one while a refused connection lingers.
+one while a refused connection lingers, and one while a finished answer is
+held for a client that has not taken it.
 
 It also tells the application at once when the connection is lost
 (``asgi.DisconnectSignal``), so a request need not keep a task waiting on
@@ -169,11 +180,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """Use :func:`limited_protocol` to get a subclass with the configured limits."""
 
     __slots__ = ("_block_bytes", "_block_slack", "_deadline", "_disconnect", "_done", "_dropped",
-                 "_in_head", "_in_trailer", "_keeps_alive", "_out", "_read_size", "_reading_body")
+                 "_in_head", "_in_trailer", "_keeps_alive", "_out", "_read_size", "_reading_body",
+                 "_send_deadline")
 
     max_header_bytes: int = 64 * 1024
     header_timeout: float = 10.0
     linger_bytes: int = 8 * 1024 * 1024  # what a refused client may still send (server.max_body_bytes)
+    send_timeout: float = 60.0  # for the client to take a finished answer (server.send_timeout)
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -189,6 +202,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._done = False  # refused: nothing more is parsed here
         self._dropped = 0  # bytes read and dropped while lingering
         self._deadline: asyncio.TimerHandle | None = None  # the header or trailer timeout
+        self._send_deadline: asyncio.TimerHandle | None = None  # the send timeout of a finished answer
         self._disconnect = DisconnectSignal(self)  # DISCONNECT_HOOK of every request on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -202,6 +216,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._cancel_send_deadline()
         self._out.forget_linger()
         super().connection_lost(exc)
         self._disconnect.fire()
@@ -252,6 +267,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # A finished answer leaves now, not after what its request does next (settling its quota).
         self._out.flush()
+        self._cancel_send_deadline()
+        if self._out.get_write_buffer_size():  # the client has not taken it all yet
+            self._send_deadline = self.loop.call_later(self.send_timeout, self._send_timeout_expired)
         super().on_response_complete()
 
     def _decline_upgrade(self, rest: bytes) -> None:
@@ -344,6 +362,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         self._out.abort()
+
+    def _send_timeout_expired(self) -> None:
+        self._send_deadline = None
+        if not self._out.get_write_buffer_size():
+            return  # taken
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            return  # a later answer is under way: its own waits bound it, and its end starts this again
+        self.logger.info("%s: the client did not take its answer within %gs; connection reset",
+                         self._peer(), self.send_timeout)
+        self._disconnect.write_timed_out = True
+        self.abort_connection()
+
+    def _cancel_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
 
     def _parsed_size(self) -> int:
         """The request line and headers as parsed: their size, give or take optional spaces."""
@@ -442,7 +477,8 @@ class _AfterDeclinedUpgrade:
 
 
 def limited_protocol(max_header_bytes: int, header_timeout: float,
-                     max_body_bytes: int = LimitedHttpToolsProtocol.linger_bytes) -> type[LimitedHttpToolsProtocol]:
+                     max_body_bytes: int = LimitedHttpToolsProtocol.linger_bytes,
+                     send_timeout: float = LimitedHttpToolsProtocol.send_timeout) -> type[LimitedHttpToolsProtocol]:
     """The protocol class to give ``uvicorn.Config(http=...)``, bound to these limits."""
 
     class Limited(LimitedHttpToolsProtocol):
@@ -451,4 +487,5 @@ def limited_protocol(max_header_bytes: int, header_timeout: float,
     Limited.max_header_bytes = max_header_bytes
     Limited.header_timeout = header_timeout
     Limited.linger_bytes = max_body_bytes
+    Limited.send_timeout = send_timeout
     return Limited

@@ -9,8 +9,12 @@ SIGTERM or SIGINT skips the delay.
 Streams still open shortly before the grace's end (``STREAM_END_SECONDS``, or
 half the grace when that is shorter) are ended by the gateway: each gets the
 SSE error event ``server_shutting_down`` and no ``[DONE]``, and is settled,
-within the grace. What uvicorn would do at its end instead is cancel the
-streams' tasks: cut without a word to the client, and a traceback each.
+within the grace. Requests not answered by then (a body still arriving, an
+upstream's answer or a stream's first byte awaited) get a 503
+``server_shutting_down`` with ``Connection: close`` and are settled too
+(``unanswered.py``). What uvicorn would do at its end instead is cancel their
+tasks: a stream cut without a word to the client, a plain-text 500 for the
+others, and a traceback each.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import uvicorn
 
 from .gateway import Gateway
 
-STREAM_END_SECONDS = 2.0  # kept at the grace's end for ending the streams still open
+STREAM_END_SECONDS = 2.0  # kept at the grace's end for ending the streams and requests still open
 
 
 class GatewayServer(uvicorn.Server):
@@ -58,15 +62,19 @@ class GatewayServer(uvicorn.Server):
         ending = None
         if grace:
             window = min(STREAM_END_SECONDS, grace / 2)
-            ending = asyncio.get_running_loop().call_later(grace - window, self._end_streams, window)
+            ending = asyncio.get_running_loop().call_later(grace - window, self._end_open_requests, window)
         try:
             await super().shutdown(sockets)
         finally:
             if ending is not None:
                 ending.cancel()
 
-    def _end_streams(self, window: float) -> None:
+    def _end_open_requests(self, window: float) -> None:
         # Half the window for the error events to leave; then settling and closing.
         count = self.gateway.streams.end(write_by=asyncio.get_running_loop().time() + window / 2)
         if count:
             self.log.warning("shutdown grace running out: ending %d open stream(s) with an error event", count)
+        count = self.gateway.unanswered.end()
+        if count:
+            self.log.warning("shutdown grace running out: answering %d request(s) not answered yet with 503",
+                             count)
