@@ -213,7 +213,7 @@ async def _put_team(admin: AdminContext, request: Request, actor: str) -> Respon
 async def _patch_team(admin: AdminContext, request: Request, actor: str) -> Response:
     """Change some of a team's settings: the limits named in the body (null removes one) and its
     models when the body names them; everything else stays. (PUT replaces the whole team.)"""
-    changes = await _body(request)
+    changes = await _body(admin, request)
     if not isinstance(changes, dict):
         raise InvalidRequestError("The body must be a JSON object.")
     team, _ = await _team(admin, request.path_params["name"])
