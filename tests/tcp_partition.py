@@ -10,32 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+
+from tests.loopback_proxy import LoopbackProxy
 
 
-class Partition:
+class Partition(LoopbackProxy):
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self._cut = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> Partition:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
-        return self
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     def cut(self) -> None:
         asyncio.run_coroutine_threadsafe(self._set_cut(True), self._loop).result(5)
@@ -51,9 +34,6 @@ class Partition:
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         link = _Link(client_w)
         self._links.add(link)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
             if self._cut:  # no connection to the server while cut: its SYN would be lost
                 link.lost_data = True
@@ -67,7 +47,6 @@ class Partition:
         finally:
             link.close()
             self._links.discard(link)
-            self._tasks.discard(task)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> None:
         try:
@@ -79,18 +58,6 @@ class Partition:
                 await writer.drain()
         finally:
             link.close()
-
-    def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 class _Link:

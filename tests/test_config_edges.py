@@ -7,7 +7,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import openai
 
 from tests.gateway_process import GatewayProcess
+from tests.running_gateway import wait_for
 
 StartGateway = Callable[..., GatewayProcess]
 CHECK_CONFIG = [sys.executable, "-m", "proxy", "check-config"]
@@ -28,13 +28,6 @@ def _mock_config(models: str = "[m]", extra: str = "") -> str:
 def _check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CHECK_CONFIG, str(path)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **(env or {})})
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_check_config_refuses_nan_and_infinity_in_every_number(tmp_path: Path) -> None:
@@ -93,10 +86,10 @@ def test_a_file_replaced_by_non_utf8_bytes_is_logged_the_old_config_serves_and_w
     gw = gateway(_mock_config("[m1]", watched))
     assert _models(gw) == {"m1"}
     gw.config_path.write_bytes(_mock_config("[m1, m2]", watched).encode("utf-16"))
-    _wait_for(lambda: "not UTF-8 text" in gw.log() and "config reload rejected" in gw.log())
+    wait_for(lambda: "not UTF-8 text" in gw.log() and "config reload rejected" in gw.log(), 30)
     assert _models(gw) == {"m1"}  # the old config still serves
     gw.config_path.write_text(_mock_config("[m1, m3]", watched))
-    _wait_for(lambda: _models(gw) == {"m1", "m3"})
+    wait_for(lambda: _models(gw) == {"m1", "m3"}, 30)
 
 
 def test_a_static_key_from_a_secret_file_authenticates_despite_its_trailing_newline(

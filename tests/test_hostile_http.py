@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.raw_http import read_response
 from tests.spec import assert_conforms
 from tests.stub_upstream import StubUpstream
 
@@ -81,17 +82,6 @@ def _peak_growth_mib(gw: GatewayProcess, attack: Callable[[], None]) -> float:
 def _good_request(gw: GatewayProcess) -> int:
     return httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=60,
                       headers={"Authorization": f"Bearer {GOOD}"}).status_code
-
-
-def _read_answer(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
-    status_line = reader.readline()
-    if not status_line:
-        raise EOFError("connection closed")
-    headers = {}
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, reader.read(int(headers.get("content-length", 0)))
 
 
 def _closed(sock: socket.socket, reader: BinaryIO) -> bool:
@@ -188,7 +178,7 @@ def _refused_unread(gw: GatewayProcess, head: bytes, source: str = "127.0.0.1") 
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30, source_address=(source, 0)) as sock, \
             sock.makefile("rb") as reader:
         sock.sendall(head)
-        status, headers, body = _read_answer(reader)
+        status, headers, body = read_response(reader)
         assert_conforms(json.loads(body), "ErrorResponse")
         sent = 0
         with contextlib.suppress(OSError):
@@ -226,7 +216,7 @@ def test_the_auth_guards_429_is_closed_unread(gw: GatewayProcess) -> None:
         with socket.create_connection(("127.0.0.1", gw.port), timeout=30, source_address=(source, 0)) as sock, \
                 sock.makefile("rb") as reader:
             sock.sendall(head)
-            status, headers, _ = _read_answer(reader)
+            status, headers, _ = read_response(reader)
             assert headers["connection"] == "close"
             statuses.append(status)
     assert statuses[0] == 401 and statuses[-5:] == [429] * 5
@@ -246,15 +236,15 @@ def test_a_client_on_keep_alive_is_served_request_after_request(gw: GatewayProce
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock, sock.makefile("rb") as reader:
         for _ in range(3):
             sock.sendall(_head("POST", "/v1/chat/completions", GOOD, len(CHAT_BODY)) + CHAT_BODY)
-            status, headers, _ = _read_answer(reader)
+            status, headers, _ = read_response(reader)
             assert status == 200 and "connection" not in headers
         # A wrong key whose body came whole with its head: answered, and the connection kept.
         sock.sendall(_head("POST", "/v1/chat/completions", "sk-wrong-key-0000000000000000", len(CHAT_BODY))
                      + CHAT_BODY)
-        status, headers, _ = _read_answer(reader)
+        status, headers, _ = read_response(reader)
         assert status == 401 and "connection" not in headers
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + GOOD.encode() + b"\r\n\r\n")
-        assert _read_answer(reader)[0] == 200
+        assert read_response(reader)[0] == 200
 
 
 # --- malformed requests, redirects -------------------------------------------------------------
@@ -271,7 +261,7 @@ def test_a_client_on_keep_alive_is_served_request_after_request(gw: GatewayProce
 def test_malformed_http_gets_an_openai_format_400_and_the_close(gw: GatewayProcess, raw: bytes) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock, sock.makefile("rb") as reader:
         sock.sendall(raw)
-        status, headers, body = _read_answer(reader)
+        status, headers, body = read_response(reader)
         assert (status, headers["content-type"], headers["connection"]) == (400, "application/json", "close")
         error = json.loads(body)
         assert_conforms(error, "ErrorResponse")

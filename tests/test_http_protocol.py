@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from proxy.asgi import DISCONNECT_HOOK
 from proxy.http_protocol import LINGER_SECONDS, MAX_PIPELINED, LimitedHttpToolsProtocol, limited_protocol
 from tests.gateway_process import GatewayProcess
+from tests.raw_http import read_response
 from tests.stub_upstream import free_port
 
 MAX_HEADER_BYTES = 4096
@@ -102,19 +103,16 @@ def connect(port: int, timeout: float = 5) -> Iterator[tuple[socket.socket, Bina
         yield sock, reader
 
 
-def read_response(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
-    status_line = reader.readline()
-    if not status_line:
-        raise EOFError("connection closed")
-    headers = {}
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, reader.read(int(headers.get("content-length", 0)))
-
-
 def get(path: str = "/", extra: bytes = b"") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + extra + b"\r\n"
+
+
+def send_in_pieces(sock: socket.socket, request: bytes, pieces: int) -> None:
+    """Sends ``request`` as ``pieces`` writes, a pause between them, so that each may be a read of its own."""
+    step = -(-len(request) // pieces)
+    for i in range(0, len(request), step):
+        sock.sendall(request[i:i + step])
+        time.sleep(0.05)
 
 
 def closed_within(reader: BinaryIO, seconds: float) -> bytes:
@@ -245,10 +243,7 @@ def test_a_header_block_over_the_limit_is_431_however_it_arrives(port: int) -> N
     for pieces in (1, 3):  # in one read, or in several
         with connect(port) as (sock, reader):
             request = get("/too-large", pad) + get("/pipelined")  # nothing behind a refused head is served
-            step = -(-len(request) // pieces)
-            for i in range(0, len(request), step):
-                sock.sendall(request[i:i + step])
-                time.sleep(0.05)
+            send_in_pieces(sock, request, pieces)
             assert read_response(reader)[0] == 431
             sock.shutdown(socket.SHUT_WR)
             assert closed_within(reader, 1) == b""
@@ -426,10 +421,7 @@ def test_a_trailer_over_the_limit_is_431_however_it_arrives(port: int) -> None:
     for pieces in (1, 3):  # in one read, or in several
         with connect(port) as (sock, reader):
             request = chunked("/upload", b"hello") + trailer + get("/pipelined")  # nothing behind it is served
-            step = -(-len(request) // pieces)
-            for i in range(0, len(request), step):
-                sock.sendall(request[i:i + step])
-                time.sleep(0.05)
+            send_in_pieces(sock, request, pieces)
             assert read_response(reader)[0] == 431
             sock.shutdown(socket.SHUT_WR)
             assert closed_within(reader, 1) == b""

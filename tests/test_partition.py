@@ -125,13 +125,19 @@ def replicas(mode: StoreErrorMode) -> Iterator[Replicas]:
         yield Replicas(server, partition, gateways[0], gateways[1], http)
 
 
+def _revoked_while_b_is_cut_off(r: Replicas) -> tuple[str, str]:
+    """A key B has seen, revoked on A once B is cut off from Redis: its id and its secret."""
+    key_id, secret = r.create_key()
+    wait_for(lambda: r.status(r.b, secret), lambda s: s == 200)
+    r.partition.cut()
+    r.revoke_on_a(key_id)
+    assert r.status(r.a, secret) == 401
+    return key_id, secret
+
+
 def test_a_cut_off_replica_refuses_a_key_it_cannot_confirm_and_learns_of_its_revocation_later() -> None:
     with replicas("fail_closed") as r:
-        key_id, secret = r.create_key()
-        wait_for(lambda: r.status(r.b, secret), lambda s: s == 200)
-        r.partition.cut()
-        r.revoke_on_a(key_id)
-        assert r.status(r.a, secret) == 401
+        key_id, secret = _revoked_while_b_is_cut_off(r)
 
         # B cannot hear of the revocation; once its copy is older than the max age it
         # stops honouring the key (before that, for at most the max age, it still does).
@@ -164,11 +170,7 @@ def test_a_cut_off_replica_refuses_a_key_it_cannot_confirm_and_learns_of_its_rev
 
 def test_fail_open_serves_a_key_it_cannot_confirm_and_counts_and_logs_it() -> None:
     with replicas("fail_open") as r:
-        key_id, secret = r.create_key()
-        wait_for(lambda: r.status(r.b, secret), lambda s: s == 200)
-        r.partition.cut()
-        r.revoke_on_a(key_id)
-        assert r.status(r.a, secret) == 401
+        key_id, secret = _revoked_while_b_is_cut_off(r)
 
         def served() -> float:
             assert r.status(r.b, secret) == 200  # served throughout, as fail_open says

@@ -12,7 +12,6 @@ import json
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ import orjson
 from proxy.schema import parse_chat_request
 from tests.gateway_process import GatewayProcess
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
+from tests.running_gateway import access_lines, issue_key, key_usage, wait_for
 from tests.spec import assert_conforms
 from tests.stub_upstream import Behaviour, StubUpstream
 
@@ -44,33 +44,8 @@ server: {server}
 """
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def _issue_key(gw: GatewayProcess) -> tuple[str, str]:
-    resp = httpx.post(gw.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10,
-                      json={"name": "unanswered", "limits": {"concurrency": 10, "tokens_per_day": 10**9}})
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"], resp.json()["key"]
-
-
-def _usage(gw: GatewayProcess, key_id: str) -> dict[str, int]:
-    resp = httpx.get(f"{gw.url}/admin/keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-    assert resp.status_code == 200, resp.text
-    return {row["limit"]: row["used"] for row in resp.json()["usage"]}
-
-
 def _estimate(body: dict[str, Any]) -> int:
     return parse_chat_request(orjson.dumps(body), "application/json").prompt_tokens
-
-
-def _access_lines(gw: GatewayProcess) -> list[dict[str, Any]]:
-    return [orjson.loads(line[line.index("{"):]) for line in gw.log().splitlines()
-            if '"msg":"access"' in line]
 
 
 def _httpx_call(gw: GatewayProcess, key: str, body: dict[str, Any], into: list[httpx.Response]) -> None:
@@ -116,7 +91,7 @@ def _assert_shutting_down(status: int, headers: httpx.Headers | dict[str, str], 
 def test_requests_unanswered_when_the_grace_runs_out_get_an_openai_503_and_are_charged_their_prompt(
         gateway: StartGateway, stub: StubUpstream, redis_server: RedisServer) -> None:  # noqa: F811
     gw = gateway(_config(stub, redis_server.url, "{shutdown_delay: 0.5, shutdown_grace: 4, body_timeout: 120}"))
-    key_id, key = _issue_key(gw)
+    key_id, key = issue_key(gw, ADMIN, "unanswered")
     stub.queue(Behaviour("hang"), Behaviour("hang_body"), Behaviour("hang"))
     answers: list[httpx.Response] = []
     errors: list[openai.APIStatusError] = []
@@ -125,7 +100,7 @@ def test_requests_unanswered_when_the_grace_runs_out_get_an_openai_503_and_are_c
              threading.Thread(target=_httpx_call, args=(gw, key, STREAM, answers))]
     for held, call in enumerate(calls, 1):  # one at a time: each meets its own behaviour
         call.start()
-        _wait_for(lambda held=held: stub.in_flight == held, 30)
+        wait_for(lambda held=held: stub.in_flight == held, 30)
     slow = _slow_body(gw, key)
     gw.signal(signal.SIGTERM)
     for call in calls:
@@ -140,13 +115,13 @@ def test_requests_unanswered_when_the_grace_runs_out_get_an_openai_503_and_are_c
     _assert_shutting_down(*slow_answer)
     log = gw.log()
     assert "Traceback" not in log and " ERROR " not in log, log
-    lines = _access_lines(gw)
+    lines = access_lines(gw)
     assert len(lines) == 4
     assert all(line["status"] == 503 and line["error_code"] == "server_shutting_down" for line in lines)
-    _wait_for(lambda: stub.in_flight == 0, 30)  # the upstream requests were closed
+    wait_for(lambda: stub.in_flight == 0, 30)  # the upstream requests were closed
     # Settled: another replica on the same store sees no lease left, and each forwarded request
     # charged its prompt estimate (the one whose body never came was not forwarded: nothing).
     later = gateway(_config(stub, redis_server.url, "{shutdown_delay: 0}"))
-    usage = _usage(later, key_id)
+    usage = key_usage(later, ADMIN, key_id)
     assert usage["concurrency"] == 0
     assert usage["tokens_per_day"] == sum(_estimate(body) for body in (PLAIN, HEADERS_ONLY, STREAM))

@@ -11,9 +11,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import openai
@@ -21,7 +19,9 @@ import orjson
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.raw_http import closed_once_read
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
+from tests.running_gateway import access_lines, issue_key, key_usage, wait_for
 from tests.stub_upstream import Behaviour, StubUpstream
 
 ADMIN = "sk-admin-streams-0123456789"
@@ -39,22 +39,10 @@ server: {{shutdown_delay: 0}}
 {extra}"""
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-
-
 def _upstream_in_flight(gw: GatewayProcess) -> int:
     views = httpx.get(gw.url + "/admin/upstreams", headers={"Authorization": f"Bearer {ADMIN}"},
                       timeout=10).json()["data"]
     return int(views[0]["in_flight"])
-
-
-def _access_lines(gw: GatewayProcess) -> list[dict[str, Any]]:
-    return [orjson.loads(line[line.index("{"):]) for line in gw.log().splitlines()
-            if '"msg":"access"' in line]
 
 
 def _stream_request(key: str, max_tokens: int | None = None) -> bytes:
@@ -75,19 +63,6 @@ def _client_that_never_reads(gw: GatewayProcess) -> socket.socket:
     return sock
 
 
-def _closed_by_the_gateway(sock: socket.socket) -> bool:
-    """Read what the socket still holds; True when the gateway closed or reset the connection."""
-    sock.settimeout(30)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("bound", ["idle", "total"])
 def test_a_client_that_stops_reading_is_dropped_and_gives_back_its_lease_and_upstream(
         gateway: StartGateway, stub: StubUpstream, bound: str) -> None:
@@ -97,18 +72,18 @@ def test_a_client_that_stops_reading_is_dropped_and_gives_back_its_lease_and_ups
     stub.queue(Behaviour("endless", {"size": 4096, "seconds": 120}))
     sock = _client_that_never_reads(gw)
     try:
-        _wait_for(lambda: stub.in_flight == 1, 20)
+        wait_for(lambda: stub.in_flight == 1, 20)
         # The gateway's writes to it block once the buffers are full; after the idle timeout (or
         # at the total) it gives up: the upstream request is ended, its slot and the key's lease
         # come back.
-        _wait_for(lambda: stub.in_flight == 0 and _upstream_in_flight(gw) == 0)
-        assert _closed_by_the_gateway(sock)
+        wait_for(lambda: stub.in_flight == 0 and _upstream_in_flight(gw) == 0)
+        assert closed_once_read(sock)
     finally:
         sock.close()
     answer = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                         json={"model": "m", "messages": MESSAGES}, timeout=30)
     assert answer.status_code == 200, answer.text  # concurrency 1: the lease was released
-    cut = [line for line in _access_lines(gw) if line["status"] == 499]
+    cut = [line for line in access_lines(gw) if line["status"] == 499]
     assert len(cut) == 1 and cut[0]["error_code"] == "client_write_timeout"
     assert cut[0]["completion_tokens"] > 0  # what the upstream streamed until the cut is charged
     assert 'llm_proxy_stream_errors_total{code="client_write_timeout"} 1.0' in httpx.get(gw.url + "/metrics").text
@@ -123,26 +98,13 @@ def test_a_stream_that_never_ends_is_ended_at_total_with_its_own_code(
         for _ in client.chat.completions.create(model="m", messages=MESSAGES, stream=True):  # type: ignore[arg-type]
             pass
     assert raised.value.code == "upstream_total_timeout"
-    _wait_for(lambda: any(line["status"] == 502 for line in _access_lines(gw)), 20)
-    line = next(line for line in _access_lines(gw) if line["status"] == 502)
+    wait_for(lambda: any(line["status"] == 502 for line in access_lines(gw)), 20)
+    line = next(line for line in access_lines(gw) if line["status"] == 502)
     assert line["error_code"] == "upstream_total_timeout"
     assert 'llm_proxy_stream_errors_total{code="upstream_total_timeout"} 1.0' in httpx.get(gw.url + "/metrics").text
 
 
 # --- shutdown --------------------------------------------------------------------------------
-
-
-def _issue_key(gw: GatewayProcess) -> tuple[str, str]:
-    resp = httpx.post(gw.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10,
-                      json={"name": "drained", "limits": {"concurrency": 10, "tokens_per_day": 10**9}})
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"], resp.json()["key"]
-
-
-def _usage(gw: GatewayProcess, key_id: str) -> dict[str, int]:
-    resp = httpx.get(f"{gw.url}/admin/keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-    assert resp.status_code == 200, resp.text
-    return {row["limit"]: row["used"] for row in resp.json()["usage"]}
 
 
 def _read_stream(gw: GatewayProcess, key: str, into: list[bytes]) -> None:
@@ -171,18 +133,18 @@ def test_streams_open_when_the_shutdown_grace_runs_out_get_an_error_event_and_ar
     config = _config(stub, "{connect: 1, first_byte: 2, idle: 30, total: 600}",
                      f"redis_url: {redis_server.url}").replace("max_concurrency: 1", "max_concurrency: 10")
     gw = gateway(config.replace("shutdown_delay: 0", "shutdown_delay: 0.5, shutdown_grace: 4"))
-    key_id, key = _issue_key(gw)
+    key_id, key = issue_key(gw, ADMIN, "drained")
     stub.behave("endless", delay=0.05, seconds=120)
     stub.queue(Behaviour("endless", {"size": 4096, "seconds": 120}))
     stuck = _client_that_never_reads(gw)  # not even the error event reaches it: reset in time
-    _wait_for(lambda: stub.in_flight == 1, 20)
+    wait_for(lambda: stub.in_flight == 1, 20)
     bodies: list[bytes] = []
     errors: list[BaseException] = []
     threads = [threading.Thread(target=_read_stream, args=(gw, key, bodies)) for _ in range(2)]
     threads.append(threading.Thread(target=_sdk_stream, args=(gw, key, errors)))
     for thread in threads:
         thread.start()
-    _wait_for(lambda: stub.in_flight == 4, 20)
+    wait_for(lambda: stub.in_flight == 4, 20)
     gw.signal(signal.SIGTERM)
     for thread in threads:
         thread.join(60)
@@ -196,13 +158,13 @@ def test_streams_open_when_the_shutdown_grace_runs_out_get_an_error_event_and_ar
     assert getattr(errors[0], "code", None) == "server_shutting_down"
     log = gw.log()
     assert "Traceback" not in log and " ERROR " not in log, log
-    lines = _access_lines(gw)
+    lines = access_lines(gw)
     assert [line["error_code"] for line in lines if line["key_name"] == "t"] == ["client_write_timeout"]
     ended = [line for line in lines if line["key_name"] == "drained"]
     assert len(ended) == 3
     assert all(line["status"] == 503 and line["error_code"] == "server_shutting_down" for line in ended)
     # Settled: another replica on the same store sees no lease left and exactly the usage logged.
     later = gateway(config)
-    assert _usage(later, key_id)["concurrency"] == 0
-    assert _usage(later, key_id)["tokens_per_day"] == sum(
+    assert key_usage(later, ADMIN, key_id)["concurrency"] == 0
+    assert key_usage(later, ADMIN, key_id)["tokens_per_day"] == sum(
         line["prompt_tokens"] + line["completion_tokens"] for line in ended)

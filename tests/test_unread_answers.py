@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import select
 import socket
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import orjson
@@ -21,6 +19,8 @@ import pytest
 from proxy.config import parse_config
 from proxy.errors import ConfigError
 from tests.gateway_process import GatewayProcess
+from tests.raw_http import closed_once_read
+from tests.running_gateway import access_lines, wait_for
 from tests.stub_upstream import StubUpstream
 
 KEY = "sk-unread-answers-key-0123456789"
@@ -58,22 +58,10 @@ server: {{send_timeout: 2, shutdown_delay: 0}}
         proc.close()
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def _rss_mib(gw: GatewayProcess) -> float:
     assert gw.proc is not None
     with open(f"/proc/{gw.proc.pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
-def _access_lines(gw: GatewayProcess) -> list[dict[str, Any]]:
-    return [orjson.loads(line[line.index("{"):]) for line in gw.log().splitlines()
-            if '"msg":"access"' in line]
 
 
 def _request() -> bytes:
@@ -99,21 +87,8 @@ def _closed_by_the_gateway(sock: socket.socket) -> bool:
     return any(events & (select.POLLHUP | select.POLLERR | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
-def _reads_to_the_end(sock: socket.socket) -> bool:
-    """Reading now gets what the socket still holds, then the reset or the end."""
-    sock.settimeout(30)
-    try:
-        while sock.recv(MIB):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
-
-
 def _answered(gw: GatewayProcess, count: int) -> Callable[[], bool]:
-    return lambda: len(_access_lines(gw)) >= count
+    return lambda: len(access_lines(gw)) >= count
 
 
 def test_answers_a_client_never_reads_are_dropped_and_memory_stays_bounded(gw: GatewayProcess) -> None:
@@ -125,15 +100,15 @@ def test_answers_a_client_never_reads_are_dropped_and_memory_stays_bounded(gw: G
     try:
         for count in range(2, CONNECTIONS + 2):  # one at a time: one answer in the making at once
             sockets.append(_client_that_never_reads(gw))
-            _wait_for(_answered(gw, count))
-        _wait_for(lambda: all(_closed_by_the_gateway(sock) for sock in sockets))
+            wait_for(_answered(gw, count))
+        wait_for(lambda: all(_closed_by_the_gateway(sock) for sock in sockets))
         grown = _rss_mib(gw) - before
-        assert all(_reads_to_the_end(sock) for sock in sockets)
+        assert all(closed_once_read(sock) for sock in sockets)
     finally:
         for sock in sockets:
             sock.close()
     assert grown < RSS_BOUND_MIB, f"RSS grew by {grown:.1f} MiB"
-    assert [line["status"] for line in _access_lines(gw)] == [200] * (CONNECTIONS + 1)  # answered, then dropped
+    assert [line["status"] for line in access_lines(gw)] == [200] * (CONNECTIONS + 1)  # answered, then dropped
     assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
@@ -142,12 +117,12 @@ def test_a_pipelined_request_whose_answer_waited_behind_an_untaken_one_is_logged
         gw: GatewayProcess) -> None:
     sock = _client_that_never_reads(gw, requests=2)
     try:
-        _wait_for(lambda: _closed_by_the_gateway(sock))
-        _wait_for(_answered(gw, 2))
-        assert _reads_to_the_end(sock)
+        wait_for(lambda: _closed_by_the_gateway(sock))
+        wait_for(_answered(gw, 2))
+        assert closed_once_read(sock)
     finally:
         sock.close()
-    first, second = _access_lines(gw)
+    first, second = access_lines(gw)
     assert (first["status"], first.get("error_code")) == (200, None)
     # Its answer could not be sent: the connection was reset while it waited for room.
     assert (second["status"], second["error_code"]) == (499, "client_write_timeout")
