@@ -21,6 +21,8 @@ DISCONNECT_HOOK = "llm_proxy.on_disconnect"
 class Abortable(Protocol):
     def abort_connection(self) -> None: ...
 
+    def write_paused(self) -> bool: ...
+
 
 class DisconnectSignal:
     """A connection's report of its own loss, offered to the application as an ASGI extension
@@ -55,6 +57,11 @@ class DisconnectSignal:
         """Drop the connection now, with whatever is still buffered for the client."""
         if self._connection is not None:
             self._connection.abort_connection()
+
+    def write_may_wait(self) -> bool:
+        """Whether a send now may wait for the client to take what it was sent before (its
+        connection's writing is paused). Unknown counts as may."""
+        return self._connection is None or self._connection.write_paused()
 
     def fire(self) -> None:
         self._lost = True
@@ -194,6 +201,10 @@ class DisconnectWatch:
         self.finishing = True  # the loss that follows is the gateway's doing, not the client's
         if self._hook is not None:
             self._hook.abort()
+
+    def write_may_wait(self) -> bool:
+        """Whether a send now may wait for the client (under another server: assume it may)."""
+        return self._hook is None or self._hook.write_may_wait()
 
     async def _watch(self) -> None:
         receive = self._receive

@@ -351,6 +351,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.cycle.keep_alive = self._keeps_alive
         super().on_message_complete()
 
+    def write_paused(self) -> bool:
+        """The transport holds more than its high-water mark: a send waits for the client."""
+        return self.flow.write_paused
+
     def abort_connection(self) -> None:
         """The application gives up on a client that does not read its answer
         (``DisconnectSignal.abort``): the connection is reset, and what is buffered for it is

@@ -109,6 +109,9 @@ class StreamWaits:
     async def write(self, send: Send, message: Message) -> None:
         """Send ``message`` to the client. One it does not take in time resets the connection
         (what is still buffered for it could not reach it either) and raises ``ClientTooSlow``."""
+        if not self._watch.write_may_wait():
+            await send(message)  # nothing holds it back: it is written at once, with no wait to bound
+            return
         watchdog = self._watchdog
         self._write_until = until = min(watchdog.time() + self._idle, self._deadline,
                                         self._streams.write_by)
