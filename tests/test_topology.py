@@ -23,7 +23,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy import mock
+from proxy.upstreams import mock
 from tests.gateway_process import GatewayProcess
 from tests.nginx_lb import NginxLB, nginx_binary
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401  (fixture)
