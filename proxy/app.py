@@ -20,7 +20,6 @@ from .access.budgets import BudgetGauges
 from .access.issued_keys import build_issued_keys
 from .access.keys import Authenticator
 from .access.quotas import QuotaService, build_quota_service
-from .access.store_redis import connect
 from .admin.api import AdminContext, admin_routes
 from .apis.endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
 from .apis.gateway import Gateway
@@ -28,6 +27,7 @@ from .apis.openapi import openapi_routes
 from .config.reload import ConfigWatcher
 from .config.types import Config, TelemetryConfig
 from .errors import MethodNotAllowedError, NotFoundError, ProxyError
+from .io.redis_client import connect
 from .serving.middleware import AdminPortMiddleware, ErrorMiddleware, RequestIdMiddleware
 from .telemetry.hub import Telemetry
 from .upstreams.health_checks import ActiveChecks

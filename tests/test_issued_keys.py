@@ -20,10 +20,11 @@ from proxy.access.issued_keys import (
 )
 from proxy.access.keys import Authenticator, StaticKeys, hash_key
 from proxy.access.store import Directory, MemoryDirectory
-from proxy.access.store_redis import RedisDirectory, connect
+from proxy.access.store_redis import RedisDirectory
 from proxy.config.loader import parse_config
 from proxy.config.types import Limits, TeamConfig
 from proxy.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from proxy.io.redis_client import connect
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)

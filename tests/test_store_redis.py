@@ -25,9 +25,10 @@ from redis.asyncio import BlockingConnectionPool
 from proxy.access.issued_keys import IssuedKeys, KeySpec
 from proxy.access.keys import KeyPolicy, hash_key
 from proxy.access.quotas import PROBE_INTERVAL, QuotaService, plan_for
-from proxy.access.store_redis import ClientRunner, RedisDirectory, RedisQuotaStore, connect, parse_redis_url
+from proxy.access.store_redis import ClientRunner, RedisDirectory, RedisQuotaStore
 from proxy.config.types import Limits, QuotasConfig, StoreErrorMode
 from proxy.errors import RateLimitError, ServiceUnavailableError
+from proxy.io.redis_client import connect, parse_redis_url
 from tests.redis_fixtures import (  # noqa: F401
     REDIS_SENTINEL,
     LateReplies,
@@ -282,7 +283,8 @@ _WORKER = textwrap.dedent("""
     from proxy.errors import RateLimitError
     from proxy.access.keys import KeyPolicy
     from proxy.access.quotas import QuotaService
-    from proxy.access.store_redis import RedisQuotaStore, connect
+    from proxy.access.store_redis import RedisQuotaStore
+    from proxy.io.redis_client import connect
 
     async def main(url, n):
         quotas = QuotaService(RedisQuotaStore.from_url(url, 2.0), QuotasConfig(store_timeout=2.0))

@@ -39,9 +39,10 @@ import orjson
 from ..config.loader import utc_now
 from ..config.types import Config, Limits, StoreErrorMode, TeamConfig
 from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..io.redis_client import connect
 from .keys import KeyPolicy, hash_key
 from .store import Directory, Live, MemoryDirectory
-from .store_redis import RedisDirectory, connect
+from .store_redis import RedisDirectory
 
 UNCONFIRMED_LOG_EVERY = 10.0  # seconds between warnings about keys used on an unconfirmed copy
 MAX_HEARTBEAT = 1.0  # seconds between PINGs on the change channel (fewer for a short max age)

@@ -8,7 +8,7 @@ matching; hiredis parses the replies and redis-py parses the URL and builds the
 TLS context. The commands of all requests that reach Redis in one loop pass
 leave in one send (``batched_writes``), so under load Redis reads and answers
 several requests' scripts per wake-up. Sentinel and Cluster URLs keep
-redis-py (``store_redis.connect``).
+redis-py (``io.redis_client.connect``).
 
 Errors are redis-py's own exception classes, so ``store_redis`` translates
 them like any other Redis failure. The pipe bounds its own calls: one timer

@@ -25,10 +25,11 @@ import orjson
 
 from ..access.issued_keys import IssuedKeys, parse_key_spec, parse_overlap
 from ..access.quotas import QuotaService
-from ..access.store_redis import RedisDirectory, RedisQuotaStore, connect
+from ..access.store_redis import RedisDirectory, RedisQuotaStore
 from ..config.loader import ADMIN_KEY_ENV, admin_key_from_env, load_config
 from ..config.types import QuotasConfig, TeamConfig
 from ..errors import ConfigError, NotFoundError, ProxyError, ServiceUnavailableError
+from ..io.redis_client import connect
 from .api import key_view, usage_json
 
 _LIMIT_FLAGS = ("rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month")

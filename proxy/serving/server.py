@@ -21,16 +21,29 @@ import signal
 import socket
 import time
 from types import FrameType
+from typing import Protocol
 
 import uvicorn
-
-from ..apis.gateway import Gateway
 
 STREAM_END_SECONDS = 2.0  # kept at the grace's end for ending the streams still open
 
 
+class OpenStreams(Protocol):
+    def end(self, write_by: float) -> int: ...
+
+
+class Draining(Protocol):
+    """What the shutdown needs of the gateway (``apis.gateway.Gateway``): the flag that fails
+    ``/readyz``, and the streams still open."""
+
+    draining: bool
+
+    @property
+    def streams(self) -> OpenStreams: ...
+
+
 class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, shutdown_delay: float,
+    def __init__(self, config: uvicorn.Config, gateway: Draining, shutdown_delay: float,
                  logger: logging.Logger) -> None:
         super().__init__(config)
         self.gateway = gateway

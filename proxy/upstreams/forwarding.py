@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..apis.schema import ChatRequest
 from ..config.types import RoutingConfig
 from ..errors import (
     Header,
@@ -41,6 +40,22 @@ from .transport import UpstreamResponse
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class ChatRequest(Protocol):
+    """What the failover loop reads of a request (``apis.schema.ChatRequest`` is one)."""
+
+    @property
+    def body(self) -> dict[str, Any]: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def include_usage(self) -> bool: ...
 
 
 class AttemptEvents(Protocol):

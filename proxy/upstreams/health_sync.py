@@ -22,8 +22,8 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
-from ..access.store_redis import Client, bounded
 from ..errors import ServiceUnavailableError
+from ..io.redis_client import Client, bounded
 from .health import State
 from .pool import Pool
 
