@@ -2,7 +2,7 @@
 
 Nothing reaches the client until an attempt has produced its first body bytes
 (a stream) or its whole body (a non-streamed answer), so every failure before
-that point can move on to the next candidate (DESIGN.md §6). Which upstream is
+that point can move on to the next candidate. Which upstream is
 next is the pool's business; whether it is healthy is the health machine's.
 """
 

@@ -1,6 +1,6 @@
 """Passive health of one upstream: a small state machine, no I/O.
 
-States and transitions (DESIGN.md §6):
+States and transitions:
 
 - ``healthy``: takes traffic. A success resets the failure count.
 - ``cooling_down``: the upstream answered 429; no traffic until the time it
