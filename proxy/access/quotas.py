@@ -92,10 +92,14 @@ class Usage:
 class Reservation:
     """What ``reserve`` admitted; ``settle`` once when the request is over (later calls do nothing).
 
+    ``async with reservation.charging(used):`` around what the request does with it settles it
+    when the block ends, whatever ended it: with ``used()``, or with what ``charge_at_least`` last
+    set when that is more.
+
     Kept for a request's whole life (a stream's too): a slotted object with just what settling
     needs, not a closure over the store's answer (bench/README.md, memory per open stream)."""
 
-    __slots__ = ("_estimate", "_lease", "_plan", "_service", "_windows", "headers")
+    __slots__ = ("_at_least", "_estimate", "_lease", "_plan", "_service", "_used", "_windows", "headers")
     _plan: Plan
     _lease: str
     _windows: tuple[int, ...]
@@ -105,6 +109,8 @@ class Reservation:
         """Nothing to settle: no limits apply, or the store failed open."""
         self.headers = headers
         self._service: QuotaService | None = None
+        self._used: Callable[[], int] = _nothing
+        self._at_least = 0
 
     @classmethod
     def charged(cls, service: QuotaService, headers: tuple[Header, ...], plan: Plan, lease: str,
@@ -116,12 +122,31 @@ class Reservation:
         reservation._windows, reservation._estimate = windows, estimate
         return reservation
 
+    def charging(self, used: Callable[[], int]) -> Reservation:
+        """For ``async with``: settle at the block's end with ``used()``, what the request recorded."""
+        self._used = used
+        return self
+
+    def charge_at_least(self, tokens: int) -> None:
+        """The least the settle charges from now on, whatever was recorded."""
+        self._at_least = tokens
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.settle(max(self._used(), self._at_least))
+
     async def settle(self, used_tokens: int) -> None:
         service, self._service = self._service, None
         if service is not None:
             # Shielded: a cancelled request must still give its lease back.
             await asyncio.shield(service._settle(self._plan, self._lease, self._windows,
                                                  max(0, used_tokens) - self._estimate))
+
+
+def _nothing() -> int:
+    return 0
 
 
 def plan_for(policy: KeyPolicy, *, team: bool = True) -> Plan | None:

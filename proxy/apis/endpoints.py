@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from ..access.keys import KeyPolicy
+from ..access.quotas import Reservation
 from ..config.types import DEFAULT_MAX_OUTPUT_TOKENS
 from ..errors import (
     AuthenticationError,
@@ -72,6 +73,10 @@ class RequestRecord:
     error_code: str | None = None
     headers: list[Header] = field(default_factory=list)
 
+    def tokens(self) -> int:
+        """What the request used, as counted so far: what settling its reservation charges."""
+        return self.prompt_tokens + self.completion_tokens
+
 
 class ChatCompletions:
     def __init__(self, gateway: Gateway) -> None:
@@ -115,40 +120,47 @@ class ChatCompletions:
         span.request(model=request.model, stream=request.stream, team=record.team,
                      key_name=record.key_name, max_tokens=request.max_tokens)
         reservation = await gw.quotas.reserve(policy, _estimate(request, rt))
-        record.headers.extend(reservation.headers)
-        reservation.headers = ()  # record.headers has them, and lets them go once they were sent
-        watch = DisconnectWatch()
-        forwarded: Forwarded | None = None
-        forward_started = time.perf_counter()
-        prompt_estimate, charge_at_least = request.prompt_tokens, 0
+        # Leaving this block settles the reservation with what the request recorded.
+        async with reservation.charging(record.tokens):
+            record.headers.extend(reservation.headers)
+            reservation.headers = ()  # record.headers has them, and lets them go once they were sent
+            watch = DisconnectWatch()
+            forward_started = time.perf_counter()
+            try:
+                with watch.watching(receive, scope):
+                    forwarded = await self._forward(scope, rt, request, route, reservation, watchdog)
+                    record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
+                    record.attempts = forwarded.attempts
+                    # Committed: no other attempt follows. Of the request only what counts its usage is
+                    # kept from here; the parsed body (as large as the prompt) is not, for a whole stream.
+                    stream, strip_usage = request.stream, not request.include_usage
+                    prompt_tokens = request.prompt_tokens
+                    del request, route
+                    # Leaving this block gives the upstream's slot and connection back.
+                    with forwarded:
+                        if stream and forwarded.response.status < 400:
+                            timeouts = forwarded.candidate.upstream.config.timeout
+                            with StreamWaits(gw.streams, watchdog, watch, timeouts.idle, timeouts.total) as waits:
+                                await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
+                        else:
+                            await self._relay_body(send, prompt_tokens, forwarded, record, watch)
+            finally:
+                record.upstream_time = time.perf_counter() - forward_started
+
+    async def _forward(self, scope: Scope, rt: Runtime, request: ChatRequest, route: Route,
+                       reservation: Reservation, watchdog: Watchdog) -> Forwarded:
+        """The failover loop, under docs/quotas.md's charging rules for a request that ends there."""
+        # Left before an answer (the client went away, or shutdown ended it): an upstream may
+        # be at work on the prompt already, and providers bill a prompt they were sent.
+        reservation.charge_at_least(request.prompt_tokens)
         try:
-            with watch.watching(receive, scope):
-                # Left before an answer (the client went away, or shutdown ended it): an upstream may
-                # be at work on the prompt already, and providers bill a prompt they were sent.
-                charge_at_least = prompt_estimate
-                forwarded = await gw.forwarder.forward(rt.pool, rt.config.routing, request, route,
-                                                       _forward_headers(scope), watchdog)
-                charge_at_least = 0  # answered: what the answer used is charged
-                record.upstream, record.ttfb = forwarded.candidate.upstream.name, forwarded.ttfb
-                record.attempts = forwarded.attempts
-                # Committed: no other attempt follows. Of the request only what counts its usage is
-                # kept from here; the parsed body (as large as the prompt) is not, for a whole stream.
-                stream, strip_usage, prompt_tokens = request.stream, not request.include_usage, request.prompt_tokens
-                del request, route
-                if stream and forwarded.response.status < 400:
-                    timeouts = forwarded.candidate.upstream.config.timeout
-                    with StreamWaits(gw.streams, watchdog, watch, timeouts.idle, timeouts.total) as waits:
-                        await self._relay_stream(send, strip_usage, prompt_tokens, forwarded, record, waits)
-                else:
-                    await self._relay_body(send, prompt_tokens, forwarded, record, watch)
+            forwarded = await self.gateway.forwarder.forward(rt.pool, rt.config.routing, request, route,
+                                                             _forward_headers(scope), watchdog)
         except ProxyError:
-            charge_at_least = 0  # every attempt failed: the upstreams' failure is not the client's bill
+            reservation.charge_at_least(0)  # every attempt failed: the upstreams' failure is not the client's bill
             raise
-        finally:
-            record.upstream_time = time.perf_counter() - forward_started
-            if forwarded is not None:
-                forwarded.finish(ok=record.status < 500 and record.status != 499, now=time.monotonic())
-            await reservation.settle(max(record.prompt_tokens + record.completion_tokens, charge_at_least))
+        reservation.charge_at_least(0)  # answered: what the answer used is charged
+        return forwarded
 
     async def _relay_body(self, send: Send, prompt_tokens: int, fwd: Forwarded,
                           record: RequestRecord, watch: DisconnectWatch) -> None:
@@ -202,6 +214,7 @@ class ChatCompletions:
             fwd.finish(ok=True, now=time.monotonic())  # the upstream did not fail
         else:
             record.status = 502
+            fwd.upstream_failed = True
             code = exc.code if isinstance(exc, UpstreamStreamError) and exc.code else "upstream_stream_error"
         record.error_code = code
         self.gateway.telemetry.metrics.stream_error(code)

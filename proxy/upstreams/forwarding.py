@@ -32,7 +32,7 @@ from ..errors import (
 from ..io.watchdog import Watchdog
 from ..telemetry.tracing import Tracing
 from . import providers
-from .pool import Candidate, Pool
+from .pool import Candidate, Pool, Upstream
 from .retry_after import cooldown_seconds
 from .retry_budget import RetryBudget
 from .transport import UpstreamResponse
@@ -95,32 +95,81 @@ class _AttemptFailed(Exception):
         self.status: int | None = None
 
 
+class _Hold:
+    """What one attempt holds of its upstream: a slot of its ``max_concurrency`` (``in_flight``)
+    and, once it answered, the connection the answer comes on (``response``).
+
+    ``with _Hold(upstream) as hold:`` around the attempt. Leaving the block gives both back,
+    whatever ended it, unless the attempt committed: then its ``Forwarded`` holds them."""
+
+    __slots__ = ("_committed", "_released", "response", "upstream")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.response: UpstreamResponse | None = None
+        self._committed = False
+        self._released = False
+
+    def __enter__(self) -> _Hold:
+        self.upstream.in_flight += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._committed:
+            self.release()
+
+    def commit(self) -> _Hold:
+        self._committed = True
+        return self
+
+    def release(self) -> None:
+        """The slot back, the answer dropped (an unfinished one closes its connection); once."""
+        if self._released:
+            return
+        self._released = True
+        self.upstream.in_flight -= 1
+        if self.response is not None:
+            self.response.close()
+
+
 @dataclass(slots=True)
 class Forwarded:
-    """A committed upstream answer: the first bytes are in hand."""
+    """A committed upstream answer: the first bytes are in hand.
+
+    It holds the attempt's upstream slot and connection until the relay ends: ``with forwarded:``
+    around the relay gives them back when the block ends, whatever ended it, and judges the
+    upstream: failed when the relay set ``upstream_failed``, else a success."""
 
     candidate: Candidate
     response: UpstreamResponse
     first: bytes  # stream: the first chunk; otherwise the whole body
     ttfb: float  # seconds from the start of the winning attempt
     attempts: int
+    hold: _Hold = field(repr=False)
     model: str = ""  # the public model that answered (a fallback, perhaps)
     request_model: str = ""
     usage: dict[str, Any] | None = None  # a whole body's usage member, read when it was checked
+    upstream_failed: bool = False  # the answer broke off on the upstream's side
     _done: bool = field(default=False, repr=False)
 
+    def __enter__(self) -> Forwarded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish(ok=not self.upstream_failed, now=time.monotonic())
+
     def finish(self, ok: bool, now: float) -> None:
-        """Release the upstream; call exactly once when the relay ends."""
+        """Judge the upstream and give back what the answer holds; later calls do nothing. The
+        ``with`` block's end calls it; a relay that knows the upstream's outcome before its own
+        end (a shutdown ends the stream) may call it then."""
         if self._done:
             return
         self._done = True
-        up = self.candidate.upstream
-        up.in_flight -= 1
         if ok:
-            up.health.success()
+            self.candidate.upstream.health.success()
         else:
-            up.health.failure(now)
-        self.response.close()
+            self.candidate.upstream.health.failure(now)
+        self.hold.release()
 
 
 @dataclass(frozen=True)
@@ -224,29 +273,31 @@ class Forwarder:
                                         upstream_model=candidate.model, attempt=number) as span:
             headers = {**_BASE_HEADERS, **providers.auth_headers(up.config), **extra_headers}
             span.inject(headers)
-            try:
-                result = await self._send(candidate, request, deadline, headers, watchdog)
-            except _AttemptFailed as failed:
-                span.result(failed.outcome, failed.status, error=_detail(failed.error))
-                raise
+            # Whatever ends the attempt gives its upstream slot back and drops an answer begun,
+            # unless the attempt commits: its Forwarded then holds them.
+            with _Hold(up) as hold:
+                try:
+                    result = await self._send(candidate, request, deadline, headers, watchdog, hold)
+                except _AttemptFailed as failed:
+                    span.result(failed.outcome, failed.status, error=_detail(failed.error))
+                    raise
             span.result("ok" if result.response.status < 400 else "4xx", result.response.status)
             return result
 
     async def _send(self, candidate: Candidate, request: ChatRequest, deadline: float,
-                    headers: dict[str, str], watchdog: Watchdog) -> Forwarded:
+                    headers: dict[str, str], watchdog: Watchdog, hold: _Hold) -> Forwarded:
         up = candidate.upstream
         cfg = up.config
         started = self._clock()
         up.health.begin(started)
-        up.in_flight += 1
         limit = min(cfg.timeout.first_byte if request.stream else cfg.timeout.total,
                     deadline - started)
         response: UpstreamResponse | None = None
         usage: dict[str, Any] | None = None
         watchdog.expire_in(limit)
         try:
-            response = await up.transport.post(providers.chat_url(cfg, candidate.model), headers,
-                                               _payload(request, candidate.model))
+            hold.response = response = await up.transport.post(providers.chat_url(cfg, candidate.model), headers,
+                                                               _payload(request, candidate.model))
             self._check_status(candidate, response)
             relayed_error = response.status >= 400
             if request.stream and not relayed_error:
@@ -259,20 +310,17 @@ class Forwarder:
             if not watchdog.expired():
                 # Cancelled from outside (the client went away): the upstream is given back
                 # unjudged, and an answer begun is closed (its connection is not left in use).
-                up.in_flight -= 1
-                if response is not None:
-                    response.close()
                 raise
             timeout = UpstreamTimeoutError(f"The upstream did not answer within {limit:.3g}s.")
-            self._fail(candidate, response, "timeout", started, health=True, error=timeout.message)
+            self._fail(candidate, "timeout", started, health=True, error=timeout.message)
             raise _AttemptFailed("timeout", timeout) from None
         except UpstreamConnectionError as exc:
             self._log.warning("upstream %s: %s", up.name, exc.detail)
-            self._fail(candidate, response, "connect_error", started, health=True, error=exc.detail)
+            self._fail(candidate, "connect_error", started, health=True, error=exc.detail)
             raise _AttemptFailed("connect_error", exc) from None
         except _AttemptFailed as failed:
             failed.status = response.status if response is not None else None
-            self._fail(candidate, response, failed.outcome, started, health=failed.outcome != "429",
+            self._fail(candidate, failed.outcome, started, health=failed.outcome != "429",
                        error=failed.error.message)
             raise
         finally:
@@ -283,7 +331,7 @@ class Forwarder:
         ttfb = self._clock() - started
         up.observe_ttfb(ttfb)
         self._events.attempt(up.name, "ok" if response.status < 400 else "4xx", ttfb)
-        return Forwarded(candidate, response, first, ttfb, 0, usage=usage)
+        return Forwarded(candidate, response, first, ttfb, 0, hold.commit(), usage=usage)
 
     def _check_status(self, candidate: Candidate, response: UpstreamResponse) -> None:
         status = response.status
@@ -324,16 +372,12 @@ class Forwarder:
         usage = parsed.get("usage")
         return usage if isinstance(usage, dict) else None
 
-    def _fail(self, candidate: Candidate, response: UpstreamResponse | None, outcome: str,
-              started: float, health: bool, error: str) -> None:
+    def _fail(self, candidate: Candidate, outcome: str, started: float, health: bool, error: str) -> None:
         up = candidate.upstream
-        up.in_flight -= 1
         up.recent_errors.append((time.time(), outcome, error))
         now = self._clock()
         if health:
             up.health.failure(now)
-        if response is not None:
-            response.close()
         self._events.attempt(up.name, outcome, now - started)
 
 
