@@ -33,12 +33,9 @@ from .types import (
     MockSettings,
     ModelConfig,
     ModelPrice,
-    Provider,
     QuotasConfig,
     RoutingConfig,
     ServerConfig,
-    StoreErrorMode,
-    Strategy,
     TeamConfig,
     TelemetryConfig,
     Timeouts,
@@ -47,37 +44,6 @@ from .types import (
 
 _T = TypeVar("_T")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-__all__ = [
-    "DEFAULT_MAX_OUTPUT_TOKENS",
-    "PROVIDERS",
-    "STRATEGIES",
-    "Config",
-    "HealthCheck",
-    "HealthConfig",
-    "KeyConfig",
-    "Limits",
-    "LoggingConfig",
-    "MockSettings",
-    "ModelConfig",
-    "ModelPrice",
-    "Provider",
-    "QuotasConfig",
-    "RoutingConfig",
-    "ServerConfig",
-    "StoreErrorMode",
-    "Strategy",
-    "TeamConfig",
-    "TelemetryConfig",
-    "Timeouts",
-    "UpstreamConfig",
-    "load_config",
-    "parse_config",
-    "telemetry_from_env",
-    "telemetry_from_process_env",
-    "utc_now",
-]
-
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, substitute and validate a config file; raise ConfigError listing every problem."""

@@ -104,7 +104,7 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Passive health (circuit breaker) policy; see health.py for the states."""
+    """Passive health (circuit breaker) policy; see upstreams/health.py for the states."""
 
     failure_threshold: int = 5
     base_ejection: float = 5.0

@@ -1,7 +1,7 @@
 """Metrics, traces and access logs: what the request path calls.
 
-The parts live in ``metrics.py``, ``tracing.py`` and ``accesslog.py``; this
-module is the one to import. Names and labels: docs/observability.md.
+``Telemetry`` bundles the parts, which live in ``metrics.py``, ``tracing.py``
+and ``accesslog.py``. Names and labels: docs/observability.md.
 """
 
 from __future__ import annotations
@@ -10,24 +10,9 @@ import logging
 from dataclasses import dataclass
 
 from ..config.types import TelemetryConfig
-from .accesslog import AccessLog, configure_access_log
-from .metrics import Metrics, Pricing, clear_multiprocess_dir, status_class
-from .tracing import AttemptSpan, RequestSpan, Tracing, build_tracer_provider
-
-__all__ = [
-    "AccessLog",
-    "AttemptEvents",
-    "AttemptSpan",
-    "Metrics",
-    "Pricing",
-    "RequestSpan",
-    "Telemetry",
-    "Tracing",
-    "build_tracer_provider",
-    "clear_multiprocess_dir",
-    "configure_access_log",
-    "status_class",
-]
+from .accesslog import AccessLog
+from .metrics import Metrics, Pricing
+from .tracing import Tracing, build_tracer_provider
 
 
 class AttemptEvents:
