@@ -1,14 +1,14 @@
 """Who gives back what a request holds: its upstream slot and connection, its quota reservation.
 
 Each is released by leaving the block that holds it, whatever ends the block. The upstream is a
-real server on loopback; the quotas run on the in-process store.
+real server on loopback (the ``stub`` fixture); the quotas run on the in-process store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -26,13 +26,6 @@ from proxy.upstreams.pool import Pool, make_selector
 from tests.stub_upstream import StubUpstream
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def stub() -> Iterator[StubUpstream]:
-    upstream = StubUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def _config(stub: StubUpstream) -> Config:
