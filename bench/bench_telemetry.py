@@ -40,8 +40,8 @@ def per_call_us(fn: Callable[[], None], n: int = N, repeat: int = 5) -> float:
 
 
 def metrics_case() -> Callable[[], None]:
-    from proxy.config import ModelPrice
-    from proxy.telemetry import Metrics, Pricing
+    from proxy.config.types import ModelPrice
+    from proxy.telemetry.metrics import Metrics, Pricing
 
     multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     m = Metrics(multiprocess_dir=multiproc, pricing=Pricing({"gpt-4o": ModelPrice(2.5, 10.0)}))
@@ -59,7 +59,7 @@ def tracing_case(mode: str) -> Callable[[], None]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-    from proxy.telemetry import Tracing
+    from proxy.telemetry.tracing import Tracing
 
     class Drop(SpanExporter):
         def export(self, spans: Sequence[object]) -> SpanExportResult:
@@ -88,7 +88,7 @@ def tracing_case(mode: str) -> Callable[[], None]:
 
 
 def access_case() -> Callable[[], None]:
-    from proxy.telemetry import AccessLog
+    from proxy.telemetry.accesslog import AccessLog
 
     logger = logging.getLogger("bench.access")
     logger.propagate = False

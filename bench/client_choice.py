@@ -113,9 +113,9 @@ async def _httpx(url: str, body: bytes, n: int, c: int) -> float:
 
 
 async def _own(url: str, body: bytes, n: int, c: int, ca_file: str | None = None) -> float:
-    """The gateway's own client (proxy/transport.py), as the forwarder uses it."""
-    from proxy.config import parse_config
-    from proxy.transport import make_transport
+    """The gateway's own client (proxy/upstreams/transport.py), as the forwarder uses it."""
+    from proxy.config.loader import parse_config
+    from proxy.upstreams.transport import make_transport
 
     base = url.rsplit("/chat/completions", 1)[0]
     tls = f", tls: {{ca_file: '{ca_file}'}}" if ca_file else ""

@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis.asyncio as aioredis
 
-from proxy.config import Limits
-from proxy.keys import KeyPolicy
-from proxy.quotas import plan_for
-from proxy.store import Plan
-from proxy.store_redis import RedisQuotaStore
+from proxy.access.keys import KeyPolicy
+from proxy.access.quotas import plan_for
+from proxy.access.store import Plan
+from proxy.access.store_redis import RedisQuotaStore
+from proxy.config.types import Limits
 
 BENCH_LIMITS = Limits(rpm=100_000_000, tpm=100_000_000_000)  # as bench/stub.py: never denies
 ESTIMATE, DELTA, LEASE_TTL_MS = 120, -40, 900_000

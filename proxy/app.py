@@ -16,22 +16,22 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .admin import AdminContext, admin_routes
-from .budgets import BudgetGauges
-from .config import Config, TelemetryConfig
-from .endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
+from .access.budgets import BudgetGauges
+from .access.issued_keys import build_issued_keys
+from .access.keys import Authenticator
+from .access.quotas import QuotaService, build_quota_service
+from .admin.api import AdminContext, admin_routes
+from .apis.endpoints import ChatCompletions, MetricsEndpoint, Models, Probe
+from .apis.gateway import Gateway
+from .apis.openapi import openapi_routes
+from .config.reload import ConfigWatcher
+from .config.types import Config, TelemetryConfig
 from .errors import MethodNotAllowedError, NotFoundError, ProxyError
-from .gateway import Gateway
-from .health_checks import ActiveChecks
-from .health_sync import HealthSync, RedisHealthShare
-from .issued_keys import build_issued_keys
-from .keys import Authenticator
-from .middleware import AdminPortMiddleware, ErrorMiddleware, RequestIdMiddleware
-from .openapi import openapi_routes
-from .quotas import QuotaService, build_quota_service
-from .reload import ConfigWatcher
-from .store_redis import connect
-from .telemetry import Telemetry
+from .io.redis_client import connect
+from .serving.middleware import AdminPortMiddleware, ErrorMiddleware, RequestIdMiddleware
+from .telemetry.hub import Telemetry
+from .upstreams.health_checks import ActiveChecks
+from .upstreams.health_sync import HealthSync, RedisHealthShare
 
 CHAT_PATH = "/v1/chat/completions"
 STATE_EXPORT_INTERVAL = 2.0

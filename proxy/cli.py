@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, load_config
+from .config.loader import load_config
+from .config.types import Config
 from .errors import ConfigError
 
 GC_THRESHOLD = 20_000  # first-generation allocations between collections (Python's default: 700)
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _register_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from . import cli_admin
+    from .admin import cli as cli_admin
 
     cli_admin.register(sub)
 
@@ -73,12 +74,12 @@ def _check_config(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .accesslog import configure_access_log
     from .app import create_app
-    from .config import telemetry_from_process_env
-    from .http_protocol import limited_protocol
-    from .server import GatewayServer
-    from .telemetry import Telemetry
+    from .config.loader import telemetry_from_process_env
+    from .serving.http_protocol import limited_protocol
+    from .serving.server import GatewayServer
+    from .telemetry.accesslog import configure_access_log
+    from .telemetry.hub import Telemetry
 
     config = _load(args.config)
     if config is None:

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Copy the chat-completion schemas out of OpenAI's OpenAPI spec into proxy/data.
+"""Copy the chat-completion schemas out of OpenAI's OpenAPI spec into proxy/apis/data.
 
     scripts/extract_openai_schemas.py [SPEC_DIR]
 
 SPEC_DIR holds ``openapi.yaml``, ``LICENSE`` and ``SOURCE`` (default:
 ``../shared/openai-spec`` next to the repository). Writes
-``proxy/data/openai-chat-schemas.json`` (compact, keys sorted) and
-``proxy/data/OPENAI-SPEC-LICENSE``. Run it again when the spec is updated.
+``proxy/apis/data/openai-chat-schemas.json`` (compact, keys sorted) and
+``proxy/apis/data/OPENAI-SPEC-LICENSE``. Run it again when the spec is updated.
 
 Only the named roots and what they reference are kept. The result is plain
 OpenAPI 3.1 / JSON Schema 2020-12: OpenAI's spec says 3.1.0 but still writes
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("spec_dir", nargs="?", type=Path, default=repo.parent / "shared" / "openai-spec")
-    parser.add_argument("--out", type=Path, default=repo / "proxy" / "data")
+    parser.add_argument("--out", type=Path, default=repo / "proxy" / "apis" / "data")
     args = parser.parse_args(argv)
     spec = load_spec(args.spec_dir / "openapi.yaml")
     source = (args.spec_dir / "SOURCE").read_text(encoding="utf-8").strip()

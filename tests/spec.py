@@ -59,7 +59,7 @@ def schema_names() -> frozenset[str]:
 
 @functools.cache
 def _document() -> dict[str, Any]:
-    text = resources.files("proxy").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
+    text = resources.files("proxy.apis").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
     document: dict[str, Any] = json.loads(text)
     return document
 

@@ -2,7 +2,7 @@
 
 It runs aiohttp.web on its own event loop in a background thread, so the
 gateway (a separate process, or uvicorn in the test) reaches it over TCP just
-as it would reach a provider. Answers are the ``proxy.mock`` bytes, so they
+as it would reach a provider. Answers are the ``proxy.upstreams.mock`` bytes, so they
 are real OpenAI framing, and every request and every byte sent is recorded.
 
 Behaviours (``stub.behave(mode, **options)`` for all requests, or
@@ -46,7 +46,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import mock
+from proxy.upstreams import mock
 
 
 @dataclass

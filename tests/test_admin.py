@@ -11,13 +11,15 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from proxy.admin import AdminContext, admin_routes
-from proxy.config import Config, QuotasConfig, parse_config
+from proxy.access.issued_keys import IssuedKeys
+from proxy.access.keys import Authenticator, StaticKeys
+from proxy.access.quotas import QuotaService
+from proxy.access.store_redis import RedisDirectory, RedisQuotaStore
+from proxy.admin.api import AdminContext, admin_routes
+from proxy.config.loader import parse_config
+from proxy.config.types import Config, QuotasConfig
 from proxy.errors import AuthenticationError
-from proxy.issued_keys import IssuedKeys
-from proxy.keys import Authenticator, StaticKeys
-from proxy.quotas import QuotaService
-from proxy.store_redis import RedisDirectory, RedisQuotaStore, connect
+from proxy.io.redis_client import connect
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.asgi import DISCONNECT_HOOK, ClientGone, DisconnectSignal, DisconnectWatch
+from proxy.serving.asgi import DISCONNECT_HOOK, ClientGone, DisconnectSignal, DisconnectWatch
 
 
 def _lost() -> DisconnectSignal:

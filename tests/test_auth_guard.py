@@ -1,4 +1,4 @@
-from proxy.auth_guard import AuthFailureGuard
+from proxy.serving.auth_guard import AuthFailureGuard
 
 
 class Clock:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from proxy.batched_writes import BatchedTransport
+from proxy.io.batched_writes import BatchedTransport
 
 
 class Recording(asyncio.Transport):

@@ -14,12 +14,14 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from proxy.admin import AdminContext, admin_routes
+from proxy.access.issued_keys import IssuedKeys
+from proxy.access.quotas import QuotaService
+from proxy.access.store_redis import RedisDirectory, RedisQuotaStore
+from proxy.admin.api import AdminContext, admin_routes
 from proxy.cli import main
-from proxy.config import ADMIN_KEY_ENV, QuotasConfig, parse_config
-from proxy.issued_keys import IssuedKeys
-from proxy.quotas import QuotaService
-from proxy.store_redis import RedisDirectory, RedisQuotaStore, connect
+from proxy.config.loader import ADMIN_KEY_ENV, parse_config
+from proxy.config.types import QuotasConfig
+from proxy.io.redis_client import connect
 from tests.redis_fixtures import RedisServer, free_port, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)

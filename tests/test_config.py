@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_config, parse_config
+from proxy.config.loader import load_config, parse_config
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.telemetry import Metrics
+from proxy.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana"

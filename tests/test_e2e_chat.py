@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from proxy import mock
+from proxy.upstreams import mock
 from tests.gateway_process import GatewayProcess
 from tests.spec import assert_conforms
 from tests.stub_upstream import StubUpstream

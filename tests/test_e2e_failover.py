@@ -1,4 +1,4 @@
-"""Failover and timeouts as a client sees them (DESIGN.md §6), with real
+"""Failover and timeouts as a client sees them (README.md, "The pool in production"), with real
 upstream servers switched into failure at run time."""
 
 from __future__ import annotations

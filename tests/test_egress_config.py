@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import parse_config
-from proxy.config_egress import bypasses
-from proxy.config_types import ForwardProxy
+from proxy.config.egress import bypasses
+from proxy.config.loader import parse_config
+from proxy.config.types import ForwardProxy
 from proxy.errors import ConfigError
 from tests.egress_parts import Pki
 

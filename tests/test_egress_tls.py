@@ -1,6 +1,6 @@
 """TLS between the gateway and an upstream: a throwaway CA, real TLS servers on loopback.
 
-The upstream client (proxy/transport.py) verifies with the upstream's
+The upstream client (proxy/upstreams/transport.py) verifies with the upstream's
 ``tls.ca_file`` (or the system's CAs and ``SSL_CERT_FILE``), sends SNI,
 checks the host name, and presents a client certificate where the server
 requires one. A failure says what TLS said, and the gateway fails over.
@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.config import parse_config
+from proxy.config.loader import parse_config
 from proxy.errors import UpstreamConnectionError
-from proxy.transport import HttpTransport, UpstreamResponse
+from proxy.upstreams.transport import HttpTransport, UpstreamResponse
 from tests.egress_parts import Pki, TlsFront
 from tests.gateway_process import GatewayProcess
 from tests.stub_upstream import StubUpstream

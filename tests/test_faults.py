@@ -32,8 +32,8 @@ import openai
 import orjson
 import pytest
 
-from proxy import mock
-from proxy.schema import parse_chat_request
+from proxy.apis.schema import parse_chat_request
+from proxy.upstreams import mock
 from tests.gateway_process import GatewayProcess
 from tests.redis_fixtures import LateReplies, RedisServer
 from tests.spec import assert_conforms

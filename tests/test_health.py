@@ -1,7 +1,7 @@
 """The upstream health state machine, driven by an explicit clock."""
 
-from proxy.config import HealthConfig
-from proxy.health import Health
+from proxy.config.types import HealthConfig
+from proxy.upstreams.health import Health
 
 POLICY = HealthConfig(failure_threshold=3, base_ejection=10, max_ejection=40, credentials_recheck=60)
 

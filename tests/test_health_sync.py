@@ -9,9 +9,9 @@ from collections.abc import AsyncGenerator, Callable
 
 import httpx
 
-from proxy.config import parse_config
-from proxy.health_sync import HealthSync, Hold, decode, encode
-from proxy.pool import Pool, make_selector
+from proxy.config.loader import parse_config
+from proxy.upstreams.health_sync import HealthSync, Hold, decode, encode
+from proxy.upstreams.pool import Pool, make_selector
 from tests.gateway_process import GatewayProcess
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 from tests.stub_upstream import Behaviour, StubUpstream

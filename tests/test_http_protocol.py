@@ -1,4 +1,4 @@
-"""The limits of proxy/http_protocol.py, over real sockets.
+"""The limits of proxy/serving/http_protocol.py, over real sockets.
 
 A uvicorn server runs in a thread on uvloop (as the gateway does) with a tiny
 ASGI app and small limits, so each case takes about a second; the hostile
@@ -22,8 +22,8 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from proxy.asgi import DISCONNECT_HOOK
-from proxy.http_protocol import LINGER_SECONDS, MAX_PIPELINED, LimitedHttpToolsProtocol, limited_protocol
+from proxy.serving.asgi import DISCONNECT_HOOK
+from proxy.serving.http_protocol import LINGER_SECONDS, MAX_PIPELINED, LimitedHttpToolsProtocol, limited_protocol
 from tests.gateway_process import GatewayProcess
 from tests.raw_http import read_response
 from tests.stub_upstream import free_port

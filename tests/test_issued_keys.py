@@ -9,12 +9,22 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy.config import Limits, TeamConfig, parse_config
+from proxy.access.issued_keys import (
+    IssuedKey,
+    IssuedKeys,
+    KeySpec,
+    apply_changes,
+    parse_key_spec,
+    parse_overlap,
+    parse_team,
+)
+from proxy.access.keys import Authenticator, StaticKeys, hash_key
+from proxy.access.store import Directory, MemoryDirectory
+from proxy.access.store_redis import RedisDirectory
+from proxy.config.loader import parse_config
+from proxy.config.types import Limits, TeamConfig
 from proxy.errors import AuthenticationError, InvalidRequestError, NotFoundError
-from proxy.issued_keys import IssuedKey, IssuedKeys, KeySpec, apply_changes, parse_key_spec, parse_overlap, parse_team
-from proxy.keys import Authenticator, StaticKeys, hash_key
-from proxy.store import Directory, MemoryDirectory
-from proxy.store_redis import RedisDirectory, connect
+from proxy.io.redis_client import connect
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)

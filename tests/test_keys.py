@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy.config import parse_config
+from proxy.access.keys import Authenticator, StaticKeys, bearer_token, hash_key
+from proxy.config.loader import parse_config
 from proxy.errors import AuthenticationError, PermissionDeniedError
-from proxy.keys import Authenticator, StaticKeys, bearer_token, hash_key
 
 CONFIG = """
 upstreams: [{name: a, base_url: "http://a/v1", models: [gpt-4o, gpt-4o-mini, llama-3-8b]}]

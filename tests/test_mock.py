@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from proxy import mock
-from proxy.mock_json import example
+from proxy.upstreams import mock
+from proxy.upstreams.mock_json import example
 from tests.gateway_process import GatewayProcess
 
 DEMO = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"

@@ -12,9 +12,9 @@ from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-import proxy.openapi
-from proxy.openapi import openapi_routes
-from proxy.schema import parse_chat_request
+import proxy.apis.openapi
+from proxy.apis.openapi import openapi_routes
+from proxy.apis.schema import parse_chat_request
 
 ERROR_STATUSES = {"400", "401", "403", "404", "408", "413", "429", "502", "503", "504"}
 OPENAI_SCHEMAS = {"CreateChatCompletionRequest", "CreateChatCompletionResponse",
@@ -139,13 +139,13 @@ def _types(node: Any) -> Iterator[Any]:
 
 def test_built_once_on_first_request(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = proxy.openapi.load_schemas
+    real = proxy.apis.openapi.load_schemas
 
     def counting() -> dict[str, Any]:
         calls.append(1)
         return real()
 
-    monkeypatch.setattr(proxy.openapi, "load_schemas", counting)
+    monkeypatch.setattr(proxy.apis.openapi, "load_schemas", counting)
     app = Starlette(routes=openapi_routes("team gateway"))
     assert calls == [], "nothing is read before someone asks"
     with TestClient(app) as c:

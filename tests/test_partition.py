@@ -23,12 +23,13 @@ import openai
 import pytest
 import redis
 
-from proxy.config import QuotasConfig, StoreErrorMode
+from proxy.access.issued_keys import Freshness, IssuedKeys, KeySpec
+from proxy.access.keys import hash_key
+from proxy.access.quotas import QuotaService
+from proxy.access.store_redis import RedisDirectory, RedisQuotaStore
+from proxy.config.types import QuotasConfig, StoreErrorMode
 from proxy.errors import ServiceUnavailableError
-from proxy.issued_keys import Freshness, IssuedKeys, KeySpec
-from proxy.keys import hash_key
-from proxy.quotas import QuotaService
-from proxy.store_redis import RedisDirectory, RedisQuotaStore, connect
+from proxy.io.redis_client import connect
 from tests.gateway_process import GatewayProcess
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 from tests.stub_upstream import StubUpstream

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from proxy.config import parse_config
+from proxy.config.loader import parse_config
 from proxy.errors import ModelNotFoundError
-from proxy.pool import Pool, make_selector
+from proxy.upstreams.pool import Pool, make_selector
 
 
 def _pool(strategy: str, upstreams: str) -> Pool:

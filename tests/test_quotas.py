@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy import quotas
-from proxy.config import Limits, QuotasConfig, StoreErrorMode
+from proxy.access import quotas
+from proxy.access.keys import KeyPolicy
+from proxy.access.quotas import QuotaService, Reservation, duration, plan_for, retry_seconds
+from proxy.access.store import DAY_MS, Admission, CheckState, MemoryQuotaStore, Plan, QuotaStore, month_window
+from proxy.access.store_redis import RedisQuotaStore
+from proxy.config.types import Limits, QuotasConfig, StoreErrorMode
 from proxy.errors import RateLimitError, ServiceUnavailableError
-from proxy.keys import KeyPolicy
-from proxy.quotas import QuotaService, Reservation, duration, plan_for, retry_seconds
-from proxy.store import DAY_MS, Admission, CheckState, MemoryQuotaStore, Plan, QuotaStore, month_window
-from proxy.store_redis import RedisQuotaStore
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
@@ -449,7 +449,7 @@ def test_month_window_matches_the_calendar() -> None:
 async def test_lua_calendar_agrees_with_python(redis_server: RedisServer) -> None:  # noqa: F811
     from importlib import resources
 
-    text = resources.files("proxy").joinpath("lua", "reserve.lua").read_text()
+    text = resources.files("proxy.access").joinpath("lua", "reserve.lua").read_text()
     helpers = text[text.index("-- Days since"):text.index("-- Buckets of")]
     probe = ("local DAY = 86400000\nlocal now = tonumber(ARGV[1])\n" + helpers
              + "\nlocal i, e = calendar('month')\nreturn {i, e}")

@@ -25,8 +25,8 @@ import openai
 import orjson
 import pytest
 
-from proxy import mock
-from proxy.schema import parse_chat_request
+from proxy.apis.schema import parse_chat_request
+from proxy.upstreams import mock
 from tests.gateway_process import GatewayProcess
 from tests.redis_fixtures import RedisServer
 from tests.stub_upstream import StubUpstream

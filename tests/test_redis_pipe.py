@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from redis import exceptions as redis_errors
 
-from proxy.redis_pipe import RedisPipe, Script
+from proxy.access.redis_pipe import RedisPipe, Script
 from tests.redis_fixtures import REDIS_SERVER, RedisServer, free_port, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)

@@ -2,9 +2,9 @@ from email.utils import format_datetime
 
 import pytest
 
-from proxy.config import utc_now
-from proxy.quotas import duration
-from proxy.retry_after import DEFAULT_COOLDOWN, cooldown_seconds, parse_duration
+from proxy.access.quotas import duration
+from proxy.config.loader import utc_now
+from proxy.upstreams.retry_after import DEFAULT_COOLDOWN, cooldown_seconds, parse_duration
 
 
 @pytest.mark.parametrize(("headers", "expected"), [

@@ -1,6 +1,6 @@
 """The retry budget bounds retries to a share of requests after a burst."""
 
-from proxy.retry_budget import RetryBudget
+from proxy.upstreams.retry_budget import RetryBudget
 
 
 class Clock:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.apis.schema import ChatRequest, parse_chat_request
 from proxy.errors import InvalidRequestError
-from proxy.schema import ChatRequest, parse_chat_request
 from tests.spec import assert_conforms
 
 JSON = "application/json"

@@ -29,15 +29,15 @@ import pytest
 import redis as redis_client
 from starlette.requests import Request
 
-from proxy import admin as admin_module
-from proxy import issued_keys as issued_module
-from proxy import keys as keys_module
-from proxy.auth_guard import AuthFailureGuard
-from proxy.config import parse_config
+from proxy.access import issued_keys as issued_module
+from proxy.access import keys as keys_module
+from proxy.access.issued_keys import IssuedKeys, KeySpec
+from proxy.access.keys import StaticKeys, hash_key
+from proxy.access.store import MemoryDirectory
+from proxy.admin import api as admin_module
+from proxy.config.loader import parse_config
 from proxy.errors import AuthenticationError
-from proxy.issued_keys import IssuedKeys, KeySpec
-from proxy.keys import StaticKeys, hash_key
-from proxy.store import MemoryDirectory
+from proxy.serving.auth_guard import AuthFailureGuard
 from tests.gateway_process import GatewayProcess
 from tests.otlp_receiver import OtlpReceiver
 from tests.redis_fixtures import RedisServer

@@ -19,7 +19,7 @@ import httpx
 import openai
 import orjson
 
-from proxy.schema import parse_chat_request
+from proxy.apis.schema import parse_chat_request
 from tests.gateway_process import GatewayProcess
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 from tests.running_gateway import access_lines, issue_key, key_usage, wait_for

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.config import Limits
+from proxy.access.keys import KeyPolicy
+from proxy.access.quotas import plan_for
+from proxy.access.store import MemoryQuotaStore, Plan, QuotaStore
+from proxy.access.store_redis import PREFIX, RedisQuotaStore
+from proxy.config.types import Limits
 from proxy.errors import ServiceUnavailableError
-from proxy.keys import KeyPolicy
-from proxy.quotas import plan_for
-from proxy.store import MemoryQuotaStore, Plan, QuotaStore
-from proxy.store_redis import PREFIX, RedisQuotaStore
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
-from proxy import store_redis
-from proxy.config import Limits
-from proxy.keys import KeyPolicy
-from proxy.quotas import plan_for
-from proxy.store import MemoryQuotaStore, Plan
-from proxy.store_redis import PREFIX, RedisQuotaStore
+from proxy.access import store_redis
+from proxy.access.keys import KeyPolicy
+from proxy.access.quotas import plan_for
+from proxy.access.store import MemoryQuotaStore, Plan
+from proxy.access.store_redis import PREFIX, RedisQuotaStore
+from proxy.config.types import Limits
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 from tests.test_store import check_total, tpm_fields
 

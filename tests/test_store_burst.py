@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.config import Limits, QuotasConfig
-from proxy.keys import KeyPolicy
-from proxy.quotas import QuotaService
-from proxy.store_redis import MAX_CONNECTIONS, RedisQuotaStore
+from proxy.access.keys import KeyPolicy
+from proxy.access.quotas import QuotaService
+from proxy.access.store_redis import RedisQuotaStore
+from proxy.config.types import Limits, QuotasConfig
+from proxy.io.redis_client import MAX_CONNECTIONS
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 

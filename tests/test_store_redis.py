@@ -22,12 +22,13 @@ import uvloop
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool
 
-from proxy.config import Limits, QuotasConfig, StoreErrorMode
+from proxy.access.issued_keys import IssuedKeys, KeySpec
+from proxy.access.keys import KeyPolicy, hash_key
+from proxy.access.quotas import PROBE_INTERVAL, QuotaService, plan_for
+from proxy.access.store_redis import ClientRunner, RedisDirectory, RedisQuotaStore
+from proxy.config.types import Limits, QuotasConfig, StoreErrorMode
 from proxy.errors import RateLimitError, ServiceUnavailableError
-from proxy.issued_keys import IssuedKeys, KeySpec
-from proxy.keys import KeyPolicy, hash_key
-from proxy.quotas import PROBE_INTERVAL, QuotaService, plan_for
-from proxy.store_redis import ClientRunner, RedisDirectory, RedisQuotaStore, connect, parse_redis_url
+from proxy.io.redis_client import connect, parse_redis_url
 from tests.redis_fixtures import (  # noqa: F401
     REDIS_SENTINEL,
     LateReplies,
@@ -278,11 +279,12 @@ async def test_sentinel_url_finds_the_master(sentinel_port: int, closing: list[Q
 
 _WORKER = textwrap.dedent("""
     import asyncio, json, sys
-    from proxy.config import Limits, QuotasConfig
+    from proxy.config.types import Limits, QuotasConfig
     from proxy.errors import RateLimitError
-    from proxy.keys import KeyPolicy
-    from proxy.quotas import QuotaService
-    from proxy.store_redis import RedisQuotaStore, connect
+    from proxy.access.keys import KeyPolicy
+    from proxy.access.quotas import QuotaService
+    from proxy.access.store_redis import RedisQuotaStore
+    from proxy.io.redis_client import connect
 
     async def main(url, n):
         quotas = QuotaService(RedisQuotaStore.from_url(url, 2.0), QuotasConfig(store_timeout=2.0))

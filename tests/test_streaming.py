@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import mock
-from proxy.streaming import SseRelay, error_event
+from proxy.apis.streaming import SseRelay, error_event
+from proxy.upstreams import mock
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "n": 2}
 

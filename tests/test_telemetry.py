@@ -1,4 +1,4 @@
-"""Metrics, traces and access logs (proxy/telemetry.py and its parts)."""
+"""Metrics, traces and access logs (proxy/telemetry/)."""
 
 from __future__ import annotations
 
@@ -32,16 +32,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import ModelPrice, TelemetryConfig, telemetry_from_env
-from proxy.telemetry import (
-    AccessLog,
-    Metrics,
-    Pricing,
-    Telemetry,
-    Tracing,
-    build_tracer_provider,
-    configure_access_log,
-)
+from proxy.config.loader import telemetry_from_env
+from proxy.config.types import ModelPrice, TelemetryConfig
+from proxy.telemetry.accesslog import AccessLog, configure_access_log
+from proxy.telemetry.hub import Telemetry
+from proxy.telemetry.metrics import Metrics, Pricing
+from proxy.telemetry.tracing import Tracing, build_tracer_provider
 from tests.otlp_receiver import OtlpReceiver, attributes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +224,7 @@ def test_multiprocess_without_the_variable_fails_loudly(tmp_path: Path) -> None:
 
 _WORKER = textwrap.dedent("""
     import os, sys
-    from proxy.telemetry import Metrics
+    from proxy.telemetry.metrics import Metrics
     m = Metrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
     worker = int(sys.argv[1])
     sys.stdin.readline()  # both workers alive before either writes
@@ -246,7 +242,7 @@ _WORKER = textwrap.dedent("""
 
 _RENDER = textwrap.dedent("""
     import os, sys
-    from proxy.telemetry import Metrics
+    from proxy.telemetry.metrics import Metrics
     body, _ = Metrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"]).render()
     sys.stdout.write(body.decode())
 """)

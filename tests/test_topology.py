@@ -1,5 +1,5 @@
 """The Kubernetes topology on loopback: three gateway processes behind an nginx
-load balancer (the Service), one Redis (DESIGN.md §8, docs/kubernetes.md).
+load balancer (the Service), one Redis (docs/kubernetes.md).
 
 - quotas hold globally: a key's rpm is the same budget on every replica;
 - a replica killed (SIGKILL) mid-traffic loses no request that had not started
@@ -23,7 +23,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy import mock
+from proxy.upstreams import mock
 from tests.gateway_process import GatewayProcess
 from tests.nginx_lb import NginxLB, nginx_binary
 from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401  (fixture)

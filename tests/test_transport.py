@@ -1,4 +1,4 @@
-"""The upstream HTTP client (proxy/transport.py) against a scripted server on loopback."""
+"""The upstream HTTP client (proxy/upstreams/transport.py) against a scripted server on loopback."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.config import parse_config
+from proxy.config.loader import parse_config
 from proxy.errors import UpstreamConnectionError
-from proxy.transport import HttpTransport, UpstreamResponse
+from proxy.upstreams.transport import HttpTransport, UpstreamResponse
 
 Answer = Callable[[bytes], bytes | None]  # the request's bytes → what to write back (None: close at once)
 
@@ -205,7 +205,7 @@ async def test_a_header_that_would_split_the_request_is_refused(server: Scripted
 
 async def test_an_answer_left_unread_while_reading_was_paused_does_not_stall_the_next_one(
         server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("proxy.transport.HIGH_WATER", 4)
+    monkeypatch.setattr("proxy.upstreams.transport.HIGH_WATER", 4)
     server.then(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 10\r\n\r\n0123456789").then(OK)
     transport = _transport(server.port)
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from proxy.apis.unanswered import Unanswered
 from proxy.errors import ServerShuttingDownError
-from proxy.unanswered import Unanswered
 
 
 async def _held(unanswered: Unanswered, started: asyncio.Event) -> None:

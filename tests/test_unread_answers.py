@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy.config import parse_config
+from proxy.config.loader import parse_config
 from proxy.errors import ConfigError
 from tests.gateway_process import GatewayProcess
 from tests.raw_http import closed_once_read

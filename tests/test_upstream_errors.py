@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.config import parse_config
+from proxy.config.loader import parse_config
 from proxy.errors import UpstreamConnectionError
-from proxy.transport import HttpTransport
+from proxy.upstreams.transport import HttpTransport
 from tests.stub_upstream import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -1,4 +1,4 @@
-"""The request's one timer (proxy/watchdog.py): phases, moves, and whose cancellation it was."""
+"""The request's one timer (proxy/io/watchdog.py): phases, moves, and whose cancellation it was."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.watchdog import Watchdog
+from proxy.io.watchdog import Watchdog
 
 
 async def _phase(watchdog: Watchdog, seconds: float, work: float, at: float | None = None) -> str:

@@ -1,0 +1,1 @@
+"""Layer 1: metrics, traces and the access log."""
