@@ -111,9 +111,11 @@ def test_active_check_ejects_before_users_notice_and_readmits(gateway: StartGate
     gw = gateway(_config(f"  - {{name: a, base_url: '{stub.url}', models: [m], {check}}}\n"
                          f"  - {{name: b, base_url: '{stub2.url}', models: [m], priority: 1}}",
                          "health: {base_ejection: 0.5, max_ejection: 1}"))
+    checks = lambda: sum(s.path == "/v1/models" for s in stub.seen)  # noqa: E731
+    passed = checks()  # checks that ran before the upstream broke passed (a busy machine starts slowly)
     stub.models_status = 503
-    # Checks run one after another: when the third arrives, the second failure was counted.
-    _wait_for(lambda: sum(s.path == "/v1/models" for s in stub.seen) >= 3)
+    # Checks run one after another: when the third since the break arrives, its second failure was counted.
+    _wait_for(lambda: checks() >= passed + 3)
     assert {_post(gw).headers["x-llm-proxy-upstream"] for _ in range(3)} == {"b"}
     assert stub.chat_requests == []  # no user request went to the broken upstream
     assert all(s.path == "/v1/models" for s in stub.seen)
