@@ -38,7 +38,7 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: float = 20.0) -> GatewayProcess:
+    def start(self, wait: float = 60.0) -> GatewayProcess:
         for _ in range(4):
             try:
                 started = self._start(wait)
